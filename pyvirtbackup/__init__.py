@@ -1,0 +1,45 @@
+"""pyvirtbackup: libvirt's backup and checkpoint API for QEMU, over QMP, in pure Python."""
+
+from .enums import (
+    AbortJobFlags,
+    BackupBeginFlags,
+    BackupDiskBackupMode,
+    BackupDiskState,
+    BackupType,
+    BlockJobStatus,
+    BlockJobType,
+    CheckpointCreateFlags,
+    CheckpointDeleteFlags,
+    CheckpointDiskType,
+    CheckpointListFlags,
+    CheckpointXMLFlags,
+    ConnectListAllDomainsFlags,
+    DomainEventID,
+    JobOperation,
+    JobStatsFlags,
+    JobType,
+)
+from .errors import ErrorDomain, ErrorNumber, VirError
+
+__all__ = [
+    "AbortJobFlags",
+    "BackupBeginFlags",
+    "BackupDiskBackupMode",
+    "BackupDiskState",
+    "BackupType",
+    "BlockJobStatus",
+    "BlockJobType",
+    "CheckpointCreateFlags",
+    "CheckpointDeleteFlags",
+    "CheckpointDiskType",
+    "CheckpointListFlags",
+    "CheckpointXMLFlags",
+    "ConnectListAllDomainsFlags",
+    "DomainEventID",
+    "ErrorDomain",
+    "ErrorNumber",
+    "JobOperation",
+    "JobStatsFlags",
+    "JobType",
+    "VirError",
+]

@@ -1,0 +1,13 @@
+"""Placeholder, replaced by the <domainbackup> definition."""
+
+
+class BackupDef:
+    pass
+
+
+class BackupDisk:
+    pass
+
+
+class BackupServer:
+    pass

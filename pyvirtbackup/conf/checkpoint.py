@@ -1,0 +1,9 @@
+"""Placeholder, replaced by the <domaincheckpoint> definition."""
+
+
+class CheckpointDef:
+    pass
+
+
+class CheckpointDisk:
+    pass

@@ -1,0 +1,231 @@
+"""One QMP connection: commands with timeouts, QMP errors as VirError, event fan-out.
+
+Every QMP failure becomes a VirError that keeps QEMU's own text, the way libvirt
+reports "unable to execute QEMU command 'X': <QEMU's reason>". A QEMU that is gone
+or does not answer is an error with a clear message, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.protocol import Runstate, StateError
+
+from ..errors import ErrorDomain, ErrorNumber, VirError
+
+log = logging.getLogger(__name__)
+
+Address = str | tuple[str, int]
+EventHandler = Callable[[dict[str, Any]], None]
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class QMPCommandError(VirError):
+    """A command QEMU refused. ``qmp_class`` and ``desc`` are QEMU's own."""
+
+    def __init__(self, command: str, qmp_class: str, desc: str) -> None:
+        super().__init__(
+            ErrorNumber.INTERNAL_ERROR,
+            ErrorDomain.QEMU,
+            f"unable to execute QEMU command '{command}': {desc}",
+        )
+        self.command = command
+        self.qmp_class = qmp_class
+        self.desc = desc
+
+
+def _not_running(detail: str) -> VirError:
+    return VirError(
+        ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, f"domain is not running: {detail}"
+    )
+
+
+class Monitor:
+    """A QMP client for one QEMU.
+
+    qemu.qmp's default listener keeps every event forever and cannot be removed; a
+    driver attached for weeks must not grow, so it is given a filter that accepts
+    nothing, and events go only to our own listener and the registered handlers.
+    Handlers run on the event loop and must not block.
+    """
+
+    def __init__(self, name: str = "pyvirtbackup") -> None:
+        self._client = QMPClient(name)
+        self._client.events.names = {"<none: pyvirtbackup keeps no event history>"}
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self._handlers: dict[int, EventHandler] = {}
+        self._next_handler = 0
+        self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._disconnect_handlers: list[Callable[[], None]] = []
+        self.address: Address | None = None
+        self.disconnected = asyncio.Event()
+        self._hmp_qdev: dict[str, str] = {}
+        self._reap_lock = asyncio.Lock()
+
+    # connection -------------------------------------------------------------
+
+    async def connect(self, address: Address, timeout: float = 10.0) -> None:
+        self.address = address
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+        try:
+            await asyncio.wait_for(self._client.connect(address), timeout)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await self._client.disconnect()
+            raise VirError(
+                ErrorNumber.OPERATION_TIMEOUT,
+                ErrorDomain.QEMU,
+                f"QEMU monitor at {where} did not answer within {timeout:g}s",
+            ) from None
+        except ConnectError as exc:
+            reason = exc.exc if getattr(exc, "exc", None) is not None else exc
+            raise VirError(
+                ErrorNumber.OPERATION_FAILED,
+                ErrorDomain.QEMU,
+                f"cannot connect to QEMU monitor at {where}: {reason}",
+            ) from None
+        self._pump = asyncio.create_task(self._pump_events(), name="qmp-events")
+        self._watch = asyncio.create_task(self._watch_state(), name="qmp-state")
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate == Runstate.RUNNING and not self.disconnected.is_set()
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        self._disconnect_handlers.append(callback)
+
+    async def _watch_state(self) -> None:
+        while True:
+            state = await self._client.runstate_changed()
+            if state in (Runstate.DISCONNECTING, Runstate.IDLE):
+                break
+        self.disconnected.set()
+        # reap the client's reader tasks now, or asyncio complains about their EOFError
+        await self._reap()
+        for cb in list(self._disconnect_handlers):
+            try:
+                cb()
+            except Exception:  # a broken callback must not hide the others
+                log.exception("disconnect handler failed")
+
+    async def _reap(self) -> None:
+        # one disconnect at a time: a second, concurrent one strands the first's
+        # gathered reader exceptions
+        async with self._reap_lock:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._client.disconnect())
+
+    async def close(self) -> None:
+        self._disconnect_handlers.clear()
+        await self._reap()
+        self.disconnected.set()
+        for task in (self._watch, self._pump):
+            if task is None:
+                continue
+            if task is self._watch:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), 1.0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._pump = self._watch = None
+
+    async def __aenter__(self) -> Monitor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # commands ---------------------------------------------------------------
+
+    async def execute(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Any:
+        if self.disconnected.is_set() or self._client.runstate != Runstate.RUNNING:
+            raise _not_running(f"no connection to its monitor for '{command}'")
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            raise QMPCommandError(command, exc.error_class, str(exc)) from None
+        except TimeoutError:
+            raise VirError(
+                ErrorNumber.OPERATION_TIMEOUT,
+                ErrorDomain.QEMU,
+                f"QEMU command '{command}' got no answer within {timeout:g}s",
+            ) from None
+        except (ExecInterruptedError, StateError, ConnectionError, EOFError) as exc:
+            raise _not_running(f"connection lost during '{command}': {exc}") from None
+
+    async def transaction(
+        self, actions: list[dict[str, Any]], properties: dict[str, Any] | None = None
+    ) -> None:
+        args: dict[str, Any] = {"actions": actions}
+        if properties:
+            args["properties"] = properties
+        await self.execute("transaction", args)
+
+    async def hmp(self, command_line: str) -> str:
+        return await self.execute("human-monitor-command", {"command-line": command_line})
+
+    async def qemu_io(self, device_id: str, command: str) -> None:
+        """Write like the guest would, through the device's own BlockBackend.
+
+        HMP answers "" on success and puts errors in its text reply, so any text is
+        an error. virtio-blk's id names the PCI proxy; its backend has another path,
+        found once through query-block.
+        """
+        if '"' in command:
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.QEMU,
+                f"qemu-io command must not contain a double quote: {command}",
+            )
+        qdev = await self._qdev_for(device_id)
+        out = await self.hmp(f'qemu-io -d {qdev} "{command}"')
+        if out.strip():
+            raise VirError(
+                ErrorNumber.OPERATION_FAILED,
+                ErrorDomain.QEMU,
+                f"qemu-io '{command}' on {device_id} failed: {out.strip()}",
+            )
+
+    async def _qdev_for(self, device_id: str) -> str:
+        if device_id not in self._hmp_qdev:
+            for dev in await self.execute("query-block"):
+                qdev = dev.get("qdev", "")
+                if qdev in (device_id, f"/machine/peripheral/{device_id}/virtio-backend"):
+                    self._hmp_qdev[device_id] = qdev
+                    break
+            else:
+                self._hmp_qdev[device_id] = device_id
+        return self._hmp_qdev[device_id]
+
+    # events -----------------------------------------------------------------
+
+    def add_event_handler(self, handler: EventHandler) -> int:
+        self._next_handler += 1
+        self._handlers[self._next_handler] = handler
+        return self._next_handler
+
+    def remove_event_handler(self, handle: int) -> None:
+        self._handlers.pop(handle, None)
+
+    async def _pump_events(self) -> None:
+        while True:
+            event = await self._listener.get()
+            for handler in list(self._handlers.values()):
+                try:
+                    handler(dict(event))
+                except Exception:
+                    log.exception("event handler failed for %s", event.get("event"))

@@ -21,7 +21,7 @@ _PKG_DIR = Path(__file__).resolve().parent.parent
 def schema_dir() -> Path:
     """Where the RELAX NG schemas are: inside the installed package, or the source tree."""
     for candidate in (_PKG_DIR / "schemas", _PKG_DIR.parent / "schemas"):
-        if (candidate / "domainbackup.rng").is_file():
+        if any(candidate.glob("*.rng")):
             return candidate
     raise VirError(
         ErrorNumber.INTERNAL_ERROR,
@@ -144,10 +144,23 @@ class XMLWriter:
             f"{self._indent()}<{tag}{self._attrs(attrs)}>{escape(str(value))}</{tag}>"
         )
 
-    def element(self, elem: etree._Element) -> None:
-        """Write a kept subtree (seclabel, encryption, an embedded domain) re-indented."""
-        tag = elem.tag
-        attrs = list(elem.attrib.items())
+    def element(self, elem: etree._Element, _declared: dict[str | None, str] | None = None) -> None:
+        """Write a kept subtree (seclabel, encryption, an embedded domain) re-indented.
+
+        Namespaced content (an embedded domain's ``<metadata>`` or
+        ``<qemu:commandline>``) keeps its prefixes; each namespace is declared on
+        the first written element that has it in scope, after the attributes, as
+        libvirt writes ``<domain type='kvm' xmlns:qemu='...'>``.
+        """
+        declared = dict(_declared or {})
+        tag = _qualified(elem, elem.tag)
+        attrs: list[tuple[str, object | None]] = [
+            (_qualified(elem, k), v) for k, v in elem.attrib.items()
+        ]
+        for prefix, uri in elem.nsmap.items():
+            if declared.get(prefix) != uri:
+                attrs.append((f"xmlns:{prefix}" if prefix else "xmlns", uri))
+                declared[prefix] = uri
         children = [c for c in elem if isinstance(c.tag, str)]
         text = (elem.text or "").strip()
         if not children:
@@ -158,8 +171,24 @@ class XMLWriter:
             return
         self.open(tag, attrs)
         for child in children:
-            self.element(child)
+            self.element(child, declared)
         self.close(tag)
 
     def getvalue(self) -> str:
         return "\n".join(self._lines) + "\n"
+
+
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
+
+
+def _qualified(elem: etree._Element, name: str) -> str:
+    """``{uri}local`` as ``prefix:local`` using the prefixes in scope at ``elem``."""
+    if not name.startswith("{"):
+        return name
+    uri, local = name[1:].split("}", 1)
+    if uri == _XML_NS:
+        return f"xml:{local}"
+    for prefix, ns in elem.nsmap.items():
+        if ns == uri and prefix:
+            return f"{prefix}:{local}"
+    return local

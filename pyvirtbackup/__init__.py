@@ -1,5 +1,7 @@
 """pyvirtbackup: libvirt's backup and checkpoint API for QEMU, over QMP, in pure Python."""
 
+# the driver imports everything above; keep it last
+from .driver import Domain, Driver
 from .enums import (
     AbortJobFlags,
     BackupBeginFlags,
@@ -20,6 +22,7 @@ from .enums import (
     JobType,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
+from .qemu.plan import Tuning
 
 __all__ = [
     "AbortJobFlags",
@@ -35,11 +38,14 @@ __all__ = [
     "CheckpointListFlags",
     "CheckpointXMLFlags",
     "ConnectListAllDomainsFlags",
+    "Domain",
     "DomainEventID",
+    "Driver",
     "ErrorDomain",
     "ErrorNumber",
     "JobOperation",
     "JobStatsFlags",
     "JobType",
+    "Tuning",
     "VirError",
 ]

@@ -151,11 +151,16 @@ class QemuProcess:
         argv = [
             QEMU_BINARY,
             "-nodefaults",
-            "-display", "none",
-            "-machine", "q35,accel=kvm:tcg",
-            "-m", str(self.memory_mib),
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-qmp", f"unix:{self.backup_qmp_path},server=on,wait=off",
+            "-display",
+            "none",
+            "-machine",
+            "q35,accel=kvm:tcg",
+            "-m",
+            str(self.memory_mib),
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.backup_qmp_path},server=on,wait=off",
         ]
         if self.paused:
             argv.append("-S")

@@ -1,0 +1,432 @@
+"""The driver table: libvirt's backup and checkpoint entry points, as coroutines.
+
+Thin on purpose: flag and argument checks, one backup job per domain, then ``conf``
+for the XML and ``qemu`` for QMP, recording state and emitting events in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .conf import BackupDef, DomainDisk
+from .enums import (
+    AbortJobFlags,
+    BackupBeginFlags,
+    BlockJobStatus,
+    BlockJobType,
+    DomainEventID,
+    JobStatsFlags,
+    JobType,
+)
+from .errors import ErrorDomain, ErrorNumber, VirError
+from .events import EventRegistry
+from .qemu import blockgraph
+from .qemu.blockgraph import Disk
+from .qemu.job import BackupJob, Callbacks, JobResult
+from .qemu.monitor import Address, Monitor
+from .qemu.plan import DiskPlan, Plan, PlanDisk, Tuning, next_store_id, plan_backup
+from .state import State, check_component
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TLS_DIR = "/etc/pki/pyvirtbackup"
+
+
+def _check_flags(flags: int, allowed: int, function: str) -> None:
+    if flags & ~allowed:
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.NONE,
+            f"unsupported flags (0x{flags & ~allowed:x}) in function {function}",
+        )
+
+
+def _address_record(qmp: Address) -> Any:
+    return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
+
+
+@dataclass
+class Domain:
+    """A running QEMU that pyvirtbackup is attached to (libvirt's virDomain)."""
+
+    name: str
+    uuid: str
+    qmp: Address
+    monitor: Monitor = field(repr=False)
+    disks: list[Disk] = field(default_factory=list, repr=False)
+    disk_nodes: dict[str, str] | None = field(default=None, repr=False)
+    job: BackupJob | None = field(default=None, repr=False)
+    job_def: BackupDef | None = field(default=None, repr=False)
+    completed: dict[str, Any] | None = field(default=None, repr=False)
+    begin_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    attached: bool = True
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class Driver:
+    """libvirt's backup API for QEMUs started by someone else.
+
+    ``state_dir`` holds checkpoint metadata and running-job records (default
+    /var/lib/pyvirtbackup as root, else $XDG_STATE_HOME/pyvirtbackup).
+    ``tuning`` sets how QEMU copies (see ``qemu.plan.Tuning``); each begin may
+    override it.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        tls_x509_cert_dir: str | None = None,
+        tls_x509_verify: bool = True,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.state = State(state_dir)
+        self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
+        self.tls_x509_verify = tls_x509_verify
+        self.tuning = Tuning().merged(tuning)
+        self.connect_timeout = connect_timeout
+        self.domains: dict[str, Domain] = {}
+        self.events = EventRegistry()
+
+    # attach / detach ------------------------------------------------------------------
+
+    async def attach(
+        self,
+        name: str,
+        qmp: Address,
+        disks: Mapping[str, str] | None = None,
+    ) -> Domain:
+        """Connect to a running QEMU and discover its disks.
+
+        ``disks`` maps disk names to top format node names, for orchestrators whose
+        devices have no ids pyvirtbackup could use; it replaces discovery.
+        """
+        check_component(name, "domain")
+        if name in self.domains:
+            dom = self.domains[name]
+            if dom.attached and dom.monitor.connected:
+                return dom
+            await self.detach(dom)
+        mon = Monitor(f"pyvirtbackup-{name}")
+        await mon.connect(qmp, timeout=self.connect_timeout)
+        try:
+            found = await self._discover(mon, disks)
+            dstate = self.state.domain(name)
+            record = dstate.read_record() or {}
+            dom_uuid = record.get("uuid") or await self._qemu_uuid(mon)
+            record.update(
+                {
+                    "name": name,
+                    "uuid": dom_uuid,
+                    "qmp": _address_record(qmp),
+                    "disks": dict(disks) if disks else None,
+                }
+            )
+            dstate.write_record(record)
+        except BaseException:
+            await mon.close()
+            raise
+        dom = Domain(name, dom_uuid, qmp, mon, found, dict(disks) if disks else None)
+        dom.completed = dstate.read_completed()
+        self.domains[name] = dom
+        return dom
+
+    async def _qemu_uuid(self, mon: Monitor) -> str:
+        with contextlib.suppress(VirError):
+            value = (await mon.execute("query-uuid")).get("UUID", "")
+            if value and value.strip("0-"):
+                return value
+        return str(uuidlib.uuid4())
+
+    async def _discover(self, mon: Monitor, mapping: Mapping[str, str] | None) -> list[Disk]:
+        query_block = await mon.execute("query-block")
+        named = await mon.execute("query-named-block-nodes", {"flat": True})
+        found = blockgraph.parse_disks(query_block, named)
+        if mapping:
+            return blockgraph.disks_from_mapping(mapping, found, named)
+        return found
+
+    async def refresh_disks(self, dom: Domain) -> list[Disk]:
+        dom.disks = await self._discover(dom.monitor, dom.disk_nodes)
+        return dom.disks
+
+    async def detach(self, dom: Domain) -> None:
+        """Stop watching a domain. A running backup goes on in QEMU (re-attach to take it over)."""
+        if dom.job is not None:
+            await dom.job.close()
+        dom.attached = False
+        await dom.monitor.close()
+        if self.domains.get(dom.name) is dom:
+            del self.domains[dom.name]
+
+    async def close(self) -> None:
+        for dom in list(self.domains.values()):
+            await self.detach(dom)
+        await self.events.drain()
+
+    async def __aenter__(self) -> Driver:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _check_domain(self, dom: Domain) -> Domain:
+        if not isinstance(dom, Domain) or self.domains.get(dom.name) is not dom:
+            raise VirError(
+                ErrorNumber.NO_DOMAIN,
+                ErrorDomain.DOMAIN,
+                f"domain '{getattr(dom, 'name', dom)}' is not attached to this driver",
+            )
+        return dom
+
+    def _check_running(self, dom: Domain, what: str) -> None:
+        if not dom.monitor.connected:
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"cannot {what} for inactive domain '{dom.name}': its QEMU monitor "
+                "is gone (QEMU exited?)",
+            )
+
+    # backup ---------------------------------------------------------------------------
+
+    async def domainBackupBegin(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None = None,
+        flags: int = 0,
+        *,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+    ) -> int:
+        """Start a backup (virDomainBackupBegin); returns once every disk's job runs."""
+        _check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        self._check_domain(dom)
+        reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
+        bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
+        if checkpoint_xml is not None:
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                "creating checkpoint for incremental backup is not supported yet",
+            )
+        self._check_running(dom, "perform disk backup")
+        if dom.job is not None or dom.begin_lock.locked():
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.QEMU,
+                f"another backup job is already running on domain '{dom.name}'",
+            )
+        async with dom.begin_lock:
+            job_tuning = self.tuning.merged(tuning)
+            await self.refresh_disks(dom)
+            bdef.align_disks(self._domain_disks(dom), suffix=str(int(time.time())))
+            if any(d.backupmode == "incremental" for d in bdef.selected_disks()):
+                raise VirError(
+                    ErrorNumber.OPERATION_UNSUPPORTED,
+                    ErrorDomain.QEMU,
+                    "incremental backup is not supported yet",
+                )
+            plan = await self._plan(dom, bdef, reuse, job_tuning)
+            job = BackupJob(dom.monitor, plan)
+            job.callbacks = Callbacks(
+                changed=lambda: self._save_job(dom),
+                disk_done=lambda dp, status: self._disk_done(dom, dp, status),
+                finished=lambda result: self._job_finished(dom, job, result),
+            )
+            dom.job, dom.job_def = job, bdef
+            try:
+                await job.start()
+            except BaseException:
+                if dom.job is job:
+                    dom.job = dom.job_def = None
+                raise
+            if job.done.is_set():  # every disk finished before we got here
+                return 0
+            self._save_job(dom)
+        return 0
+
+    def _domain_disks(self, dom: Domain) -> list[DomainDisk]:
+        return [
+            DomainDisk(
+                name=d.name,
+                path=d.path,
+                format=d.format or "raw",
+                type=d.type,
+                readonly=d.readonly,
+                empty=d.empty,
+            )
+            for d in dom.disks
+        ]
+
+    async def _plan(self, dom: Domain, bdef: BackupDef, reuse: bool, tuning: Tuning) -> Plan:
+        """The QEMU layer's defaults (qcow2 store, store index) and the plan."""
+        plan_disks: list[PlanDisk] = []
+        for d in bdef.selected_disks():
+            d.format = d.format or "qcow2"
+            if d.type == "file" and not reuse and d.path and os.path.lexists(d.path):
+                raise VirError(
+                    ErrorNumber.INVALID_ARG,
+                    ErrorDomain.QEMU,
+                    f"store '{d.path}' for backup of '{d.name}' exists",
+                )
+            plan_disks.append(
+                PlanDisk(
+                    name=d.name,
+                    path=d.path or "",
+                    store_type=d.type,
+                    fmt=d.format,
+                    backupmode=d.backupmode or "full",
+                    incremental=d.incremental,
+                    export_name=d.exportname,
+                    export_bitmap=d.exportbitmap,
+                )
+            )
+        nodes = await blockgraph.query_nodes(dom.monitor)
+        plan = plan_backup(
+            bdef.mode,
+            plan_disks,
+            {d.name: d for d in dom.disks},
+            nodes,
+            first_store_id=next_store_id(nodes),
+            reuse_external=reuse,
+            tuning=tuning,
+        )
+        by_name = {dp.disk: dp for dp in plan.disks}
+        for d in bdef.selected_disks():
+            d.index = by_name[d.name].store_id
+        return plan
+
+    def _save_job(self, dom: Domain) -> None:
+        job, bdef = dom.job, dom.job_def
+        if job is None or bdef is None or job.done.is_set():
+            return
+        status = copy.deepcopy(bdef)
+        states = {rt.plan.disk: rt.state for rt in job.disks.values()}
+        for d in status.disks:
+            if d.backup:
+                d.state = states.get(d.name) or "running"
+        resources = {
+            "mode": job.mode,
+            "started": job.started_wall,
+            "disks": [dp.__dict__ for dp in job.plan.disks],
+            "created_files": list(job.created_files),
+            "exports": list(job.exports_added),
+            "nbd_server": job.server_started,
+            "objects": list(job.objects_added),
+            "cancel_requested": job.cancel_requested,
+        }
+        try:
+            self.state.domain(dom.name).write_job(status.to_xml(internal=True), resources)
+        except VirError as exc:  # the job goes on; reattach will lack its record
+            log.error("cannot record the running backup of %s: %s", dom.name, exc)
+
+    def _disk_done(self, dom: Domain, dp: DiskPlan, status: BlockJobStatus) -> None:
+        kind = int(BlockJobType.BACKUP)
+        if dp.source_path:
+            self.events.emit(self, dom, DomainEventID.BLOCK_JOB, dp.source_path, kind, int(status))
+        self.events.emit(self, dom, DomainEventID.BLOCK_JOB_2, dp.disk, kind, int(status))
+
+    async def _job_finished(self, dom: Domain, job: BackupJob, result: JobResult) -> None:
+        stats = dict(result.stats)
+        stats["type"] = int(stats["type"])
+        dom.completed = stats
+        dstate = self.state.domain(dom.name)
+        try:
+            dstate.write_completed(stats)
+            dstate.delete_job()
+        except VirError as exc:
+            log.error("cannot record the finished backup of %s: %s", dom.name, exc)
+        if dom.job is job:
+            dom.job = dom.job_def = None
+        self.events.emit(self, dom, DomainEventID.JOB_COMPLETED, dict(stats))
+
+    async def domainBackupGetXMLDesc(self, dom: Domain, flags: int = 0) -> str:
+        """The running backup's definition with every default filled in."""
+        _check_flags(flags, 0, "domainBackupGetXMLDesc")
+        self._check_domain(dom)
+        if dom.job is None or dom.job_def is None:
+            raise VirError(
+                ErrorNumber.NO_DOMAIN_BACKUP, ErrorDomain.DOMAIN, "no domain backup job present"
+            )
+        return dom.job_def.to_xml()
+
+    async def domainGetJobStats(self, dom: Domain, flags: int = 0) -> dict[str, Any]:
+        """Progress of the running backup, or with COMPLETED the last finished one."""
+        _check_flags(
+            flags, JobStatsFlags.COMPLETED | JobStatsFlags.KEEP_COMPLETED, "domainGetJobStats"
+        )
+        self._check_domain(dom)
+        if flags & JobStatsFlags.KEEP_COMPLETED and not flags & JobStatsFlags.COMPLETED:
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.NONE,
+                "flag VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED requires VIR_DOMAIN_JOB_STATS_COMPLETED",
+            )
+        if flags & JobStatsFlags.COMPLETED:
+            if dom.completed is None:
+                return {"type": int(JobType.NONE)}
+            stats = dict(dom.completed)
+            if not flags & JobStatsFlags.KEEP_COMPLETED:
+                dom.completed = None
+                with contextlib.suppress(VirError):
+                    self.state.domain(dom.name).delete_completed()
+            return stats
+        if dom.job is None or dom.job.done.is_set():
+            return {"type": int(JobType.NONE)}
+        stats = await dom.job.stats()
+        stats["type"] = int(stats["type"])
+        return stats
+
+    async def domainAbortJob(self, dom: Domain, flags: int = 0) -> int:
+        """Cancel the running backup; returns once everything of it is cleaned up."""
+        _check_flags(flags, 0, "domainAbortJob")
+        if flags & AbortJobFlags.POSTCOPY:  # pragma: no cover - refused by _check_flags
+            raise VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, "no post-copy job")
+        self._check_domain(dom)
+        job = dom.job
+        if job is None or job.done.is_set():
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.QEMU,
+                f"no job is active on domain '{dom.name}'",
+            )
+        await job.abort(wait=True)
+        await self.events.drain()
+        return 0
+
+    # events ---------------------------------------------------------------------------
+
+    async def connectDomainEventRegisterAny(
+        self,
+        dom: Domain | None,
+        event_id: int,
+        callback: Callable[..., Any],
+        opaque: Any = None,
+    ) -> int:
+        """Call ``callback`` on ``event_id`` for ``dom`` (None: every domain)."""
+        if dom is not None:
+            self._check_domain(dom)
+        return self.events.register(dom, event_id, callback, opaque)
+
+    async def connectDomainEventDeregisterAny(self, callback_id: int) -> int:
+        self.events.deregister(callback_id)
+        return 0

@@ -1,0 +1,482 @@
+"""Running a planned backup: prepare with rollback, one transaction, follow the jobs,
+clean up per disk, and report the outcome.
+
+The sequence is libvirt's (qemuBackupBegin and qemuBackupNotifyBlockjobEnd): stores
+are created and opened, every disk starts in one ``transaction`` so all are captured
+at the same instant, and as each disk's job concludes it is dismissed, its store
+nodes deleted and its temporary bitmap removed. When the last disk is done, files
+we created are deleted where the backup did not complete (and pull scratch files
+always), and the result is recorded. Whatever happens, nothing of ours stays in QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..enums import BlockJobStatus, JobOperation, JobType
+from ..errors import ErrorDomain, ErrorNumber, VirError
+from .monitor import Monitor
+from .plan import DiskPlan, Plan, Step
+
+log = logging.getLogger(__name__)
+
+RUNNING, COMPLETE, FAILED, CANCELLING, CANCELLED = (
+    "running",
+    "complete",
+    "failed",
+    "cancelling",
+    "cancelled",
+)
+CREATE_TIMEOUT = 300.0
+EXPORT_DELETE_TIMEOUT = 30.0
+
+
+@dataclass
+class DiskRuntime:
+    plan: DiskPlan
+    state: str = ""
+    current: int = 0
+    total: int = 0
+    error: str | None = None
+
+
+@dataclass
+class JobResult:
+    """What domainGetJobStats(COMPLETED) and the JOB_COMPLETED event report."""
+
+    type: JobType
+    stats: dict[str, Any]
+
+
+@dataclass
+class Callbacks:
+    """How the job tells the driver what happened (all optional)."""
+
+    changed: Callable[[], Awaitable[None] | None] | None = None
+    disk_done: Callable[[DiskPlan, BlockJobStatus], None] | None = None
+    finished: Callable[[JobResult], Awaitable[None] | None] | None = None
+
+
+def _exists_error(path: str, disk: str) -> VirError:
+    return VirError(
+        ErrorNumber.INVALID_ARG, ErrorDomain.QEMU, f"store '{path}' for backup of '{disk}' exists"
+    )
+
+
+class BackupJob:
+    """One backup of one domain, from begin to the last cleanup."""
+
+    def __init__(self, mon: Monitor, plan: Plan, callbacks: Callbacks | None = None) -> None:
+        self.mon = mon
+        self.plan = plan
+        self.callbacks = callbacks or Callbacks()
+        self.disks = {dp.job_id: DiskRuntime(dp) for dp in plan.disks}
+        self.started_wall = time.time()
+        self._started = time.monotonic()
+        self.finished_elapsed: int | None = None
+        self.cancel_requested = False
+        self.result: JobResult | None = None
+        self.done = asyncio.Event()
+        self.created_files: list[str] = []
+        self.exports_added: list[str] = []
+        self.server_started = False
+        self.objects_added: list[str] = []
+        self.first_error: str | None = None
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._handler: int | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._terminating = False
+        self._export_deleted: dict[str, asyncio.Event] = {}
+
+    # timing and stats -----------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode
+
+    def elapsed_ms(self) -> int:
+        if self.finished_elapsed is not None:
+            return self.finished_elapsed
+        return int((time.monotonic() - self._started) * 1000)
+
+    async def stats(self) -> dict[str, Any]:
+        """Live statistics, libvirt's typed-parameter names (qemuBackupGetJobInfoStats)."""
+        live: dict[str, dict[str, Any]] = {}
+        if any(d.state == RUNNING for d in self.disks.values()) and self.mon.connected:
+            with contextlib.suppress(VirError):
+                live = {j["id"]: j for j in await self.mon.execute("query-jobs")}
+        current = total = 0
+        for jid, d in self.disks.items():
+            if d.state == RUNNING and jid in live:
+                current += int(live[jid].get("current-progress", 0))
+                total += int(live[jid].get("total-progress", 0))
+            else:
+                current += d.current
+                total += d.total
+        stats: dict[str, Any] = {
+            "type": JobType.UNBOUNDED,
+            "operation": int(JobOperation.BACKUP),
+            "time_elapsed": self.elapsed_ms(),
+        }
+        stats.update(self._disk_numbers(current, total))
+        return stats
+
+    def _disk_numbers(self, current: int, total: int) -> dict[str, int]:
+        if self.mode == "push":
+            if total or current:
+                return {
+                    "disk_total": total,
+                    "disk_processed": current,
+                    "disk_remaining": max(total - current, 0),
+                }
+            return {}
+        out = {}
+        if current:
+            out["disk_temp_used"] = current
+        if total:
+            out["disk_temp_total"] = total
+        return out
+
+    # begin ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare, run the transaction, then the after-steps (exports).
+
+        On failure before the transaction succeeds everything added is rolled back;
+        after it, the jobs are cancelled and cleaned up as after an abort, and the
+        error is raised once nothing of ours is left.
+        """
+        self._handler = self.mon.add_event_handler(self._on_event)
+        undo: list[Step] = []
+        try:
+            for step in self.plan.prepare:
+                await self._run(step)
+                undo += step.undo
+            await self.mon.transaction(self.plan.transaction)
+        except BaseException:
+            await self._rollback(undo)
+            self.mon.remove_event_handler(self._handler)
+            self._handler = None
+            raise
+        for d in self.disks.values():
+            d.state = RUNNING
+        self.mon.on_disconnect(self._on_disconnect)
+        self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
+        try:
+            for step in self.plan.after:
+                await self._run(step)
+        except BaseException as exc:
+            self.first_error = self.first_error or str(exc)
+            await self.abort(wait=True)
+            raise
+        await self._changed()
+
+    async def _run(self, step: Step) -> None:
+        if step.kind == "create-file":
+            self._create_file(step.args["path"], step.args.get("disk", ""))
+        elif step.kind == "remove-file":
+            self._remove_file(step.args["path"])
+        elif step.kind == "qmp":
+            await self.mon.execute(step.command, step.args)
+            self._note_resource(step)
+        elif step.kind == "qmp-job":
+            await self._run_qmp_job(step)
+        else:  # pragma: no cover - a planner bug
+            raise AssertionError(f"unknown step kind {step.kind}")
+
+    def _note_resource(self, step: Step) -> None:
+        if step.command == "block-export-add":
+            self.exports_added.append(step.args["id"])
+        elif step.command == "nbd-server-start":
+            self.server_started = True
+        elif step.command == "object-add":
+            self.objects_added.append(step.args["id"])
+
+    def _create_file(self, path: str, disk: str) -> None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise _exists_error(path, disk or self._disk_of(path)) from None
+        except OSError as exc:
+            raise VirError(
+                ErrorNumber.SYSTEM_ERROR,
+                ErrorDomain.QEMU,
+                f"cannot create backup store '{path}': {exc.strerror}",
+            ) from None
+        os.close(fd)
+        self.created_files.append(path)
+
+    def _disk_of(self, path: str) -> str:
+        for d in self.plan.disks:
+            if d.path == path:
+                return d.disk
+        return "?"
+
+    def _remove_file(self, path: str) -> None:
+        if path in self.created_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.created_files.remove(path)
+
+    async def _run_qmp_job(self, step: Step) -> None:
+        jid = step.args["job-id"]
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[jid] = fut
+        try:
+            await self.mon.execute(step.command, step.args)
+            await asyncio.wait_for(fut, CREATE_TIMEOUT)
+            jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
+            error = jobs.get(jid, {}).get("error")
+            await self.mon.execute("job-dismiss", {"id": jid})
+        except TimeoutError:
+            with contextlib.suppress(VirError):
+                await self.mon.execute("job-cancel", {"id": jid})
+            raise VirError(
+                ErrorNumber.OPERATION_TIMEOUT,
+                ErrorDomain.QEMU,
+                f"{step.command} job '{jid}' did not finish within {CREATE_TIMEOUT:g}s",
+            ) from None
+        finally:
+            self._waiters.pop(jid, None)
+        if error:
+            raise VirError(
+                ErrorNumber.OPERATION_FAILED, ErrorDomain.QEMU, f"failed to format image: '{error}'"
+            )
+
+    async def _rollback(self, undo: list[Step]) -> None:
+        for step in reversed(undo):
+            try:
+                await self._run(step)
+            except Exception as exc:  # keep undoing the rest
+                log.warning("rollback step %s failed: %s", step.describe(), exc)
+
+    # events -----------------------------------------------------------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        name = event.get("event")
+        if name == "JOB_STATUS_CHANGE":
+            jid = data.get("id")
+            if data.get("status") == "concluded" and jid in self._waiters:
+                fut = self._waiters[jid]
+                if not fut.done():
+                    fut.set_result("concluded")
+                return
+            if jid in self.disks:
+                self._events.put_nowait(event)
+        elif name == "BLOCK_EXPORT_DELETED":
+            ev = self._export_deleted.get(data.get("id", ""))
+            if ev is not None:
+                ev.set()
+        elif name == "BLOCK_JOB_ERROR" and data.get("device") in self.disks:
+            self._events.put_nowait(event)
+
+    def _on_disconnect(self) -> None:
+        self._events.put_nowait({"event": "PVB_DISCONNECTED"})
+
+    async def _work(self) -> None:
+        while not self.done.is_set():
+            event = await self._events.get()
+            try:
+                await self._handle(event)
+            except Exception:
+                log.exception("processing %s failed", event)
+
+    async def _handle(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        data = event.get("data") or {}
+        if name == "PVB_DISCONNECTED":
+            await self._qemu_gone()
+            return
+        if name == "BLOCK_JOB_ERROR":
+            op = data.get("operation", "I/O")
+            self.disks[data["device"]].error = self.disks[data["device"]].error or f"{op} error"
+            return
+        if data.get("status") == "concluded":
+            await self._disk_concluded(data["id"])
+
+    async def _disk_concluded(self, jid: str) -> None:
+        d = self.disks[jid]
+        if d.state not in (RUNNING, CANCELLING):
+            return
+        info: dict[str, Any] = {}
+        with contextlib.suppress(VirError):
+            for j in await self.mon.execute("query-jobs"):
+                if j.get("id") == jid:
+                    info = j
+        with contextlib.suppress(VirError):
+            await self.mon.execute("job-dismiss", {"id": jid})
+        d.current = int(info.get("current-progress", d.current))
+        d.total = int(info.get("total-progress", d.total))
+        error = info.get("error")
+        if d.state == CANCELLING or (self.cancel_requested and error):
+            d.state = CANCELLED
+        elif error:
+            d.state = FAILED
+        else:
+            d.state = COMPLETE
+        if error:
+            d.error = error
+            self.first_error = self.first_error or error
+        if d.state in (FAILED, CANCELLED):
+            await self._cancel_running()
+        if self.mode == "pull":
+            await self._stop_exports()
+        await self._remove_store(d.plan)
+        if self.callbacks.disk_done:
+            status = {
+                COMPLETE: BlockJobStatus.COMPLETED,
+                FAILED: BlockJobStatus.FAILED,
+                CANCELLED: BlockJobStatus.CANCELED,
+            }[d.state]
+            self.callbacks.disk_done(d.plan, status)
+        await self._changed()
+        if not any(x.state in (RUNNING, CANCELLING) for x in self.disks.values()):
+            await self._terminate()
+
+    async def _cancel_running(self) -> None:
+        for jid, other in self.disks.items():
+            if other.state == RUNNING:
+                other.state = CANCELLING
+                with contextlib.suppress(VirError):
+                    await self.mon.execute("block-job-cancel", {"device": jid, "force": True})
+
+    async def _remove_store(self, dp: DiskPlan) -> None:
+        for node in (dp.format_node, dp.storage_node):
+            try:
+                await self.mon.execute("blockdev-del", {"node-name": node})
+            except VirError as exc:
+                log.warning("could not delete node %s: %s", node, exc)
+        if self.mode == "push" and dp.bitmap and dp.bitmap_node:
+            with contextlib.suppress(VirError):
+                await self.mon.execute(
+                    "block-dirty-bitmap-remove", {"node": dp.bitmap_node, "name": dp.bitmap}
+                )
+
+    async def _stop_exports(self) -> None:
+        """Remove every export (dropping clients) and the NBD server, once."""
+        for eid in list(self.exports_added):
+            deleted = self._export_deleted.setdefault(eid, asyncio.Event())
+            try:
+                await self.mon.execute("block-export-del", {"id": eid, "mode": "hard"})
+            except VirError as exc:
+                log.warning("could not delete export %s: %s", eid, exc)
+                deleted.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(deleted.wait(), EXPORT_DELETE_TIMEOUT)
+            self.exports_added.remove(eid)
+        if self.server_started:
+            with contextlib.suppress(VirError):
+                await self.mon.execute("nbd-server-stop")
+            self.server_started = False
+        for oid in list(self.objects_added):
+            with contextlib.suppress(VirError):
+                await self.mon.execute("object-del", {"id": oid})
+            self.objects_added.remove(oid)
+
+    # the end --------------------------------------------------------------------------
+
+    def final_type(self) -> JobType:
+        states = [d.state for d in self.disks.values()]
+        if FAILED in states:
+            return JobType.FAILED
+        if CANCELLED in states and self.mode == "push":
+            return JobType.CANCELLED
+        return JobType.COMPLETED
+
+    async def _terminate(self) -> None:
+        if self._terminating:
+            return
+        self._terminating = True
+        final = self.final_type()
+        for dp in self.plan.disks:
+            d = self.disks[dp.job_id]
+            keep = self.mode == "push" and d.state == COMPLETE
+            if dp.path in self.created_files and not keep:
+                self._remove_file(dp.path)
+        self.finished_elapsed = self.elapsed_ms()
+        current = sum(d.current for d in self.disks.values())
+        total = sum(d.total for d in self.disks.values())
+        stats: dict[str, Any] = {
+            "type": final,
+            "operation": int(JobOperation.BACKUP),
+            "time_elapsed": self.finished_elapsed,
+        }
+        stats.update(self._disk_numbers(current, total))
+        stats["success"] = final == JobType.COMPLETED
+        if self.first_error:
+            stats["errmsg"] = self.first_error
+        self.result = JobResult(final, stats)
+        if self._handler is not None:
+            self.mon.remove_event_handler(self._handler)
+            self._handler = None
+        self.done.set()
+        if self.callbacks.finished:
+            res = self.callbacks.finished(self.result)
+            if asyncio.iscoroutine(res):
+                await res
+
+    async def _qemu_gone(self) -> None:
+        """QEMU exited: its nodes and jobs went with it; our files must go too."""
+        for d in self.disks.values():
+            if d.state == RUNNING:
+                d.state = FAILED
+                d.error = "QEMU exited while the backup was running"
+            elif d.state == CANCELLING:
+                d.state = CANCELLED
+        self.first_error = self.first_error or "QEMU exited while the backup was running"
+        self.exports_added.clear()
+        self.server_started = False
+        self.objects_added.clear()
+        await self._terminate()
+
+    async def _changed(self) -> None:
+        if self.callbacks.changed:
+            res = self.callbacks.changed()
+            if asyncio.iscoroutine(res):
+                await res
+
+    # abort ----------------------------------------------------------------------------
+
+    async def abort(self, *, wait: bool = True, timeout: float = 120.0) -> None:
+        """Cancel every running disk job; with ``wait``, return once all is cleaned up."""
+        self.cancel_requested = True
+        running = [jid for jid, d in self.disks.items() if d.state == RUNNING]
+        if not running and not self.done.is_set():
+            await self._terminate()
+        for jid in running:
+            self.disks[jid].state = CANCELLING
+            try:
+                await self.mon.execute("block-job-cancel", {"device": jid, "force": True})
+            except VirError as exc:
+                # the job may have concluded meanwhile: its event is already queued
+                log.info("cancel of %s: %s", jid, exc)
+        await self._changed()
+        if wait:
+            try:
+                await asyncio.wait_for(self.done.wait(), timeout)
+            except TimeoutError:
+                raise VirError(
+                    ErrorNumber.OPERATION_TIMEOUT,
+                    ErrorDomain.QEMU,
+                    f"backup jobs did not stop within {timeout:g}s of the abort",
+                ) from None
+
+    async def close(self) -> None:
+        """Stop following the job (the driver detaches); QEMU's jobs keep running."""
+        if self._handler is not None:
+            self.mon.remove_event_handler(self._handler)
+            self._handler = None
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None

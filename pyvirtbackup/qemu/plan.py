@@ -1,0 +1,392 @@
+"""Pure planning of a backup: from an aligned definition and the discovered block
+graph to the QMP commands that will run.
+
+Nothing here talks to QEMU, so a plan can be tested without one and printed for a
+dry run. The executor (``qemu.job``) runs the steps in order, keeps an undo for
+each, and rolls back on any failure before the transaction succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ErrorDomain, ErrorNumber, VirError
+from .bitmaps import check_chain, merge_actions
+from .blockgraph import BlockNode, Disk
+
+FORMATS_WITH_BACKING = frozenset({"qcow2", "qed", "vmdk"})
+
+
+@dataclass
+class Tuning:
+    """How QEMU copies: settings libvirt never exposes.
+
+    ``None`` leaves QEMU's own default. ``max_workers``/``max_chunk`` are the backup
+    job's ``x-perf``; ``speed`` throttles it (bytes/s, 0 = unlimited);
+    ``target_cache_direct`` opens the target with O_DIRECT; ``detect_zeroes``
+    is the target node's zero detection (off, on, unmap).
+    """
+
+    max_workers: int | None = None
+    max_chunk: int | None = None
+    speed: int = 0
+    target_cache_direct: bool | None = None
+    detect_zeroes: str | None = None
+
+    def merged(self, override: Tuning | dict[str, Any] | None) -> Tuning:
+        if override is None:
+            return self
+        values = override.__dict__ if isinstance(override, Tuning) else dict(override)
+        unknown = set(values) - set(self.__dict__)
+        if unknown:
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.QEMU,
+                f"unknown tuning setting(s): {', '.join(sorted(unknown))}",
+            )
+        merged = dict(self.__dict__)
+        merged.update({k: v for k, v in values.items() if v is not None})
+        return Tuning(**merged)
+
+
+@dataclass
+class Step:
+    """One thing to do: a QMP command, a QMP job (wait + dismiss), or a local file action.
+
+    ``undo`` runs, in reverse order, when a later step fails before the backup starts.
+    """
+
+    kind: str  # "qmp", "qmp-job", "create-file", "remove-file"
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+    undo: list[Step] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind in ("qmp", "qmp-job"):
+            return {"execute": self.command, "arguments": self.args}
+        return {"local": self.command, **self.args}
+
+
+@dataclass
+class DiskPlan:
+    """Everything about one disk of the backup."""
+
+    disk: str
+    source_node: str
+    source_path: str | None
+    job_id: str
+    store_id: int
+    storage_node: str
+    format_node: str
+    path: str
+    store_type: str  # file | block
+    fmt: str
+    size: int
+    create_file: bool  # we create the file, so we may delete it
+    create_format: bool  # blockdev-create formats the store
+    cluster_size: int | None
+    sync: str  # full | incremental | none
+    backing_node: str | None = None
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    bitmap: str | None = None  # temporary bitmap the job or export uses
+    bitmap_node: str | None = None
+    merge: list[dict[str, Any]] = field(default_factory=list)
+    export_name: str | None = None
+    export_bitmap: str | None = None
+    export_id: str | None = None
+
+
+@dataclass
+class Plan:
+    mode: str  # push | pull
+    disks: list[DiskPlan]
+    checkpoint_actions: list[dict[str, Any]] = field(default_factory=list)
+    tuning: Tuning = field(default_factory=Tuning)
+    prepare: list[Step] = field(default_factory=list)
+    transaction: list[dict[str, Any]] = field(default_factory=list)
+    after: list[Step] = field(default_factory=list)  # steps after the transaction
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The commands in the order they will run, for a dry run."""
+        out = [s.describe() for s in self.prepare]
+        out.append({"execute": "transaction", "arguments": {"actions": self.transaction}})
+        out += [s.describe() for s in self.after]
+        return out
+
+
+@dataclass
+class PlanDisk:
+    """What the planner needs of one disk of the (aligned) backup definition."""
+
+    name: str
+    path: str
+    store_type: str
+    fmt: str
+    backupmode: str  # full | incremental
+    incremental: str | None = None
+    export_name: str | None = None
+    export_bitmap: str | None = None
+    backing_file: str | None = None  # our extension: previous backup as the target's backing
+    backing_fmt: str | None = None
+
+
+def node_names(store_id: int) -> tuple[str, str]:
+    return f"pvb-{store_id}-storage", f"pvb-{store_id}-format"
+
+
+def job_id(disk: str) -> str:
+    return f"pvb-backup-{disk}"
+
+
+def _cache(tuning: Tuning) -> dict[str, Any] | None:
+    if tuning.target_cache_direct is None:
+        return None
+    return {"direct": tuning.target_cache_direct, "no-flush": False}
+
+
+def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
+    """Create (unless reused) and open one target or scratch: libvirt's order."""
+    steps: list[Step] = []
+    if dp.create_file:
+        steps.append(
+            Step(
+                "create-file",
+                "create",
+                {"path": dp.path, "disk": dp.disk},
+                undo=[Step("remove-file", "remove", {"path": dp.path})],
+            )
+        )
+        if dp.fmt == "raw":
+            steps.append(
+                Step(
+                    "qmp-job",
+                    "blockdev-create",
+                    {
+                        "job-id": f"pvb-create-{dp.store_id}-storage",
+                        "options": {"driver": "file", "filename": dp.path, "size": dp.size},
+                    },
+                )
+            )
+    storage: dict[str, Any] = {
+        "driver": "file" if dp.store_type == "file" else "host_device",
+        "filename": dp.path,
+        "node-name": dp.storage_node,
+        "auto-read-only": True,
+        "discard": "unmap",
+    }
+    cache = _cache(tuning)
+    if cache:
+        storage["cache"] = cache
+        if cache["direct"]:
+            storage["aio"] = "native"
+    steps.append(
+        Step(
+            "qmp",
+            "blockdev-add",
+            storage,
+            undo=[Step("qmp", "blockdev-del", {"node-name": dp.storage_node})],
+        )
+    )
+    if dp.create_format and dp.fmt != "raw":
+        options: dict[str, Any] = {"driver": dp.fmt, "file": dp.storage_node, "size": dp.size}
+        if dp.backing_file:
+            options["backing-file"] = dp.backing_file
+            if dp.backing_fmt:
+                options["backing-fmt"] = dp.backing_fmt
+        if dp.cluster_size and dp.fmt == "qcow2":
+            options["cluster-size"] = dp.cluster_size
+        steps.append(
+            Step(
+                "qmp-job",
+                "blockdev-create",
+                {"job-id": f"pvb-create-{dp.store_id}-format", "options": options},
+            )
+        )
+    fmt_node: dict[str, Any] = {
+        "node-name": dp.format_node,
+        "read-only": False,
+        "driver": dp.fmt,
+        "file": dp.storage_node,
+    }
+    if dp.fmt in FORMATS_WITH_BACKING:
+        fmt_node["backing"] = dp.backing_node  # None terminates the chain
+    if tuning.detect_zeroes:
+        fmt_node["detect-zeroes"] = tuning.detect_zeroes
+        fmt_node["discard"] = "unmap"
+    steps.append(
+        Step(
+            "qmp",
+            "blockdev-add",
+            fmt_node,
+            undo=[Step("qmp", "blockdev-del", {"node-name": dp.format_node})],
+        )
+    )
+    return steps
+
+
+def backup_action(dp: DiskPlan, tuning: Tuning) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "device": dp.source_node,
+        "job-id": dp.job_id,
+        "target": dp.format_node,
+        "sync": dp.sync,
+        "auto-finalize": True,
+        "auto-dismiss": False,
+    }
+    if dp.sync == "incremental":
+        data["bitmap"] = dp.bitmap
+    if tuning.speed:
+        data["speed"] = tuning.speed
+    perf: dict[str, Any] = {}
+    if tuning.max_workers is not None:
+        perf["max-workers"] = tuning.max_workers
+    if tuning.max_chunk is not None:
+        perf["max-chunk"] = tuning.max_chunk
+    if perf:
+        data["x-perf"] = perf
+    return {"type": "blockdev-backup", "data": data}
+
+
+def checkpoint_bitmap_actions(name: str, disks: list[Disk]) -> list[dict[str, Any]]:
+    """The persistent, recording bitmap of a new checkpoint on each disk's top node."""
+    return [
+        {
+            "type": "block-dirty-bitmap-add",
+            "data": {"node": d.node, "name": name, "persistent": True, "disabled": False},
+        }
+        for d in disks
+    ]
+
+
+def inconsistent_error(disk: str, bitmap: str, problem: str) -> VirError:
+    return VirError(
+        ErrorNumber.CHECKPOINT_INCONSISTENT,
+        ErrorDomain.QEMU,
+        f"missing or broken bitmap '{bitmap}' for disk '{disk}': {problem}. Way out: delete "
+        f"checkpoint '{bitmap}' (domainCheckpointDelete with METADATA_ONLY if its bitmaps are "
+        f"gone, or remove the bitmap with block-dirty-bitmap-remove), then take a full backup "
+        f"with a new checkpoint",
+    )
+
+
+def plan_backup(
+    mode: str,
+    disks: list[PlanDisk],
+    domain_disks: dict[str, Disk],
+    nodes: dict[str, BlockNode],
+    *,
+    first_store_id: int,
+    reuse_external: bool,
+    tuning: Tuning,
+    checkpoint_actions: list[dict[str, Any]] | None = None,
+    known_checkpoints: set[str] | None = None,
+) -> Plan:
+    """Plan the stores, the merge actions and the one transaction of a backup.
+
+    Raises VirError for what libvirt refuses at this stage (unknown checkpoint,
+    broken bitmap chain, a disk without media) before anything is touched.
+    """
+    if mode not in ("push", "pull"):
+        raise VirError(
+            ErrorNumber.CONFIG_UNSUPPORTED, ErrorDomain.DOMAIN, f"unknown backup mode '{mode}'"
+        )
+    if not disks:
+        raise VirError(
+            ErrorNumber.CONFIG_UNSUPPORTED, ErrorDomain.DOMAIN, "no disks selected for backup"
+        )
+    plan = Plan(
+        mode=mode, disks=[], tuning=tuning, checkpoint_actions=list(checkpoint_actions or [])
+    )
+    store_id = first_store_id
+    for pd in disks:
+        src = domain_disks.get(pd.name)
+        if src is None:
+            raise VirError(ErrorNumber.INVALID_ARG, ErrorDomain.QEMU, f"no disk named '{pd.name}'")
+        if src.node is None:
+            raise VirError(
+                ErrorNumber.CONFIG_UNSUPPORTED, ErrorDomain.DOMAIN, f"disk '{pd.name}' has no media"
+            )
+        if mode == "pull" and pd.fmt != "qcow2":
+            raise VirError(
+                ErrorNumber.CONFIG_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"pull mode backup for disk '{pd.name}' requires qcow2 driver",
+            )
+        storage_node, format_node = node_names(store_id)
+        incremental = pd.backupmode == "incremental"
+        dp = DiskPlan(
+            disk=pd.name,
+            source_node=src.node,
+            source_path=src.path,
+            job_id=job_id(pd.name),
+            store_id=store_id,
+            storage_node=storage_node,
+            format_node=format_node,
+            path=pd.path,
+            store_type=pd.store_type,
+            fmt=pd.fmt,
+            size=src.size,
+            create_file=pd.store_type == "file" and not reuse_external,
+            create_format=not reuse_external,
+            cluster_size=src.cluster_size if src.format == "qcow2" else None,
+            sync="none" if mode == "pull" else ("incremental" if incremental else "full"),
+        )
+        store_id += 1
+        if mode == "pull" or (incremental and pd.fmt in FORMATS_WITH_BACKING):
+            if pd.backing_file and mode == "push":
+                # our extension: the previous backup becomes the backing file, so the
+                # chain of backups opens as it is; it is never opened by QEMU
+                dp.backing_file, dp.backing_fmt = pd.backing_file, pd.backing_fmt or "qcow2"
+            else:
+                dp.backing_node = src.node
+                dp.backing_file, dp.backing_fmt = src.path, src.format
+        elif pd.backing_file:
+            raise VirError(
+                ErrorNumber.CONFIG_UNSUPPORTED,
+                ErrorDomain.DOMAIN,
+                f"a backing file for the target of disk '{pd.name}' needs an incremental "
+                f"backup into a format with backing files (qcow2), not a {pd.fmt} "
+                f"{'incremental' if incremental else 'full'} backup",
+            )
+        if incremental:
+            chk = pd.incremental or ""
+            if known_checkpoints is not None and chk not in known_checkpoints:
+                raise VirError(
+                    ErrorNumber.NO_DOMAIN_CHECKPOINT,
+                    ErrorDomain.DOMAIN_CHECKPOINT,
+                    f"Checkpoint '{chk}' for incremental backup of disk '{pd.name}' not found",
+                )
+            check = check_chain(src, nodes, chk)
+            if not check.valid:
+                raise inconsistent_error(pd.name, chk, check.problem or "unusable")
+            if mode == "push":
+                dp.bitmap = f"backup-{pd.name}"
+                dp.bitmap_node = src.node
+            else:
+                dp.bitmap = pd.export_bitmap or f"backup-{pd.name}"
+                dp.bitmap_node = format_node
+            dp.merge = merge_actions(dp.bitmap_node, dp.bitmap, check.layers)
+        if mode == "pull":
+            dp.export_name = pd.export_name or pd.name
+            dp.export_bitmap = dp.bitmap
+            dp.export_id = f"pvb-nbd-{pd.name}"
+        plan.disks.append(dp)
+        plan.prepare += store_steps(dp, tuning)
+
+    plan.transaction = list(plan.checkpoint_actions)
+    for dp in plan.disks:
+        plan.transaction += dp.merge
+        plan.transaction.append(backup_action(dp, tuning))
+    return plan
+
+
+def next_store_id(nodes: dict[str, BlockNode]) -> int:
+    """The first store id whose node names are free in QEMU."""
+    used = 0
+    for name in nodes:
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == "pvb" and parts[1].isdigit():
+            used = max(used, int(parts[1]))
+    return used + 1

@@ -179,11 +179,24 @@ class CheckpointTree:
 
         Children of a replaced checkpoint keep it as their parent: they name it.
         """
-        assert chk.name is not None
+        name = chk.name
+        assert name is not None
+        previous = self.defs.get(name)
         self._save(chk)
-        self.defs[chk.name] = chk
-        if make_current:
-            self.set_current(chk.name)
+        self.defs[name] = chk
+        if not make_current:
+            return
+        try:
+            self.set_current(name)
+        except VirError:  # keep memory and files saying the same
+            if previous is None:
+                del self.defs[name]
+                if self.store is not None:
+                    self.store.delete_checkpoint(name)
+            else:
+                self.defs[name] = previous
+                self._save(previous)
+            raise
 
     def set_current(self, name: str | None) -> None:
         if self.store is not None:

@@ -33,6 +33,7 @@ class TestDisk:
     size: int
     bus: str = "scsi"
     readonly: bool = False
+    backing: tuple[tuple[str, str], ...] = ()  # (path, format) below path, top first
 
 
 @dataclass
@@ -108,7 +109,10 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
                 path = await make_disk(workdir, name, fmt, size, fill)
                 test_disks[name] = TestDisk(name, path, fmt, size, bus, readonly)
         proc = QemuProcess(
-            [DiskSpec(d.name, d.path, d.format, d.bus, d.readonly) for d in test_disks.values()]
+            [
+                DiskSpec(d.name, d.path, d.format, d.bus, d.readonly, d.backing)
+                for d in test_disks.values()
+            ]
         )
         await proc.start()
         mon = Monitor("test-orchestrator")

@@ -37,15 +37,9 @@ Target = tuple[Disk, str]
 # ------------------------------------------------------------------------ create
 
 
-def check_create(name: str, targets: list[Target], nodes: dict[str, BlockNode]) -> None:
-    """Refuse, before anything is touched, what QEMU cannot hold or would refuse late.
-
-    libvirt's qemuCheckpointPrepare rules (bitmap named after the checkpoint, qcow2
-    top image) come first, with its messages. Then a bitmap of that name already on
-    a disk's top image: QEMU's own "Bitmap already exists" is the error users of
-    other tools meet when metadata and images drift apart; say whose it is and how
-    to get out.
-    """
+def check_prepare(name: str, targets: list[Target]) -> None:
+    """libvirt's qemuCheckpointPrepare rules, with its messages: QEMU keeps a
+    checkpoint as a bitmap named after it, in a qcow2 top image."""
     for disk, bitmap in targets:
         if bitmap != name:
             raise VirError(
@@ -59,6 +53,14 @@ def check_create(name: str, targets: list[Target], nodes: dict[str, BlockNode]) 
                 ErrorDomain.QEMU,
                 f"checkpoint for disk {disk.name} unsupported for storage type {disk.format}",
             )
+
+
+def check_free(targets: list[Target], nodes: dict[str, BlockNode]) -> None:
+    """Refuse a bitmap name already taken on a disk's top image, before the transaction.
+
+    QEMU's own "Bitmap already exists" is what users of other tools meet when
+    metadata and images drift apart; say whose bitmap it is and how to get out.
+    """
     for disk, bitmap in targets:
         top = nodes.get(disk.node or "")
         if top is not None and bitmap in top.bitmaps:
@@ -80,8 +82,7 @@ def add_actions(name: str, targets: list[Target]) -> list[dict[str, Any]]:
 
 async def create(mon: Monitor, name: str, targets: list[Target]) -> None:
     """Create the bitmaps of a checkpoint, all in one transaction (one instant)."""
-    nodes = await query_nodes(mon)
-    check_create(name, targets, nodes)
+    check_free(targets, await query_nodes(mon))
     actions = add_actions(name, targets)
     if actions:
         await mon.transaction(actions)

@@ -27,6 +27,8 @@ DEFAULT_FILL: tuple[tuple[int, int, int], ...] = (
 
 @dataclass
 class TestDisk:
+    __test__ = False  # a disk, not a test class, when a test module imports it
+
     name: str
     path: str
     format: str

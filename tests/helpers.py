@@ -68,7 +68,8 @@ async def bitmaps(mon: Monitor) -> dict[str, dict[str, dict[str, Any]]]:
     """Node name -> bitmap name -> QEMU's description, for every node with bitmaps."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for node in await mon.execute("query-named-block-nodes", {"flat": True}):
-        found = {b["name"]: b for b in node.get("dirty-bitmaps") or []}
+        # a running backup's copy-before-write filter holds anonymous bitmaps
+        found = {b["name"]: b for b in node.get("dirty-bitmaps") or [] if b.get("name")}
         if found:
             out[node["node-name"]] = found
     return out

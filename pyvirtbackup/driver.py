@@ -42,11 +42,13 @@ DEFAULT_TLS_DIR = "/etc/pki/pyvirtbackup"
 
 
 def _check_flags(flags: int, allowed: int, function: str) -> None:
-    if flags & ~allowed:
+    # int(): the complement of an IntFlag stays inside the flag's own bits
+    extra = int(flags) & ~int(allowed)
+    if extra:
         raise VirError(
             ErrorNumber.INVALID_ARG,
             ErrorDomain.NONE,
-            f"unsupported flags (0x{flags & ~allowed:x}) in function {function}",
+            f"unsupported flags (0x{extra:x}) in function {function}",
         )
 
 

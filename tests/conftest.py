@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from pyvirtbackup import Driver
 from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.monitor import Monitor
 from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
@@ -126,6 +127,14 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
         with contextlib.suppress(Exception):
             await vm.stop()
         assert vm.proc.proc is None or vm.proc.proc.returncode is not None
+
+
+@pytest_asyncio.fixture
+async def driver(tmp_path: Path) -> AsyncIterator[Driver]:
+    """A Driver with its own state directory, closed after the test."""
+    drv = Driver(state_dir=tmp_path / "state")
+    yield drv
+    await drv.close()
 
 
 @pytest.fixture(autouse=True, scope="session")

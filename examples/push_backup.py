@@ -63,7 +63,12 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256, help="size of each disk (default 256)")
     ap.add_argument("--keep", metavar="DIR", help="keep images and backups in DIR")
+    ap.add_argument("--debug", action="store_true", help="log every QMP command and its time")
     args = ap.parse_args()
+    if args.debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)8.1f %(message)s")
     size = args.size_mib * MiB
 
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="pyvirtbackup-demo-"))

@@ -159,7 +159,8 @@ class BackupJob:
         try:
             for step in self.plan.prepare:
                 await self._run(step)
-                undo += step.undo
+                # a step that already undid something (the mkfs node's delete) retires its undo
+                undo = [u for u in undo if u.describe() != step.describe()] + step.undo
             await self.mon.transaction(self.plan.transaction)
         except BaseException:
             await self._rollback(undo)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -154,8 +155,11 @@ class Monitor:
     ) -> Any:
         if self.disconnected.is_set() or self._client.runstate != Runstate.RUNNING:
             raise _not_running(f"no connection to its monitor for '{command}'")
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            result = await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            log.debug("%s took %.1f ms", command, (time.monotonic() - started) * 1000)
+            return result
         except ExecuteError as exc:
             raise QMPCommandError(command, exc.error_class, str(exc)) from None
         except TimeoutError:

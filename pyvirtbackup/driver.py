@@ -71,6 +71,8 @@ class Domain:
     completed: dict[str, Any] | None = field(default=None, repr=False)
     begin_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     attached: bool = True
+    # what taking over an earlier process's backup found not matching QEMU
+    recovery_problems: list[str] = field(default_factory=list, repr=False)
 
     def UUIDString(self) -> str:
         return self.uuid
@@ -149,6 +151,11 @@ class Driver:
         dom = Domain(name, dom_uuid, qmp, mon, found, dict(disks) if disks else None)
         dom.completed = dstate.read_completed()
         self.domains[name] = dom
+        try:
+            await self._recover_job(dom)
+        except BaseException:
+            await self.detach(dom)
+            raise
         return dom
 
     async def _qemu_uuid(self, mon: Monitor) -> str:
@@ -249,11 +256,7 @@ class Driver:
                 )
             plan = await self._plan(dom, bdef, reuse, job_tuning)
             job = BackupJob(dom.monitor, plan)
-            job.callbacks = Callbacks(
-                changed=lambda: self._save_job(dom),
-                disk_done=lambda dp, status: self._disk_done(dom, dp, status),
-                finished=lambda result: self._job_finished(dom, job, result),
-            )
+            job.callbacks = self._job_callbacks(dom, job)
             dom.job, dom.job_def = job, bdef
             try:
                 await job.start()
@@ -318,6 +321,7 @@ class Driver:
         return plan
 
     def _save_job(self, dom: Domain) -> None:
+        """Record the running job (status XML + what we created) for a later process."""
         job, bdef = dom.job, dom.job_def
         if job is None or bdef is None or job.done.is_set():
             return
@@ -326,20 +330,43 @@ class Driver:
         for d in status.disks:
             if d.backup:
                 d.state = states.get(d.name) or "running"
-        resources = {
-            "mode": job.mode,
-            "started": job.started_wall,
-            "disks": [dp.__dict__ for dp in job.plan.disks],
-            "created_files": list(job.created_files),
-            "exports": list(job.exports_added),
-            "nbd_server": job.server_started,
-            "objects": list(job.objects_added),
-            "cancel_requested": job.cancel_requested,
-        }
         try:
-            self.state.domain(dom.name).write_job(status.to_xml(internal=True), resources)
-        except VirError as exc:  # the job goes on; reattach will lack its record
+            self.state.domain(dom.name).write_job(status.to_xml(internal=True), job.snapshot())
+        except VirError as exc:  # the job goes on; a later process will lack its record
             log.error("cannot record the running backup of %s: %s", dom.name, exc)
+
+    def _job_callbacks(self, dom: Domain, job: BackupJob) -> Callbacks:
+        return Callbacks(
+            changed=lambda: self._save_job(dom),
+            disk_done=lambda dp, status: self._disk_done(dom, dp, status),
+            finished=lambda result: self._job_finished(dom, job, result),
+        )
+
+    async def _recover_job(self, dom: Domain) -> None:
+        """Take over a backup that an earlier process started (libvirt keeps it in its
+        status XML across a libvirtd restart; so do we, in the state directory)."""
+        dstate = self.state.domain(dom.name)
+        record = dstate.read_job()
+        if record is None:
+            return
+        xml, resources = record
+        try:
+            bdef = BackupDef.from_xml(xml, internal=True)
+            job = BackupJob.restore(dom.monitor, resources)
+        except (VirError, KeyError, TypeError, ValueError) as exc:
+            log.error(
+                "the recorded backup of %s is unreadable (%s); it is set aside", dom.name, exc
+            )
+            dstate.set_aside_job()
+            dom.recovery_problems.append(f"unreadable backup record set aside: {exc}")
+            return
+        job.callbacks = self._job_callbacks(dom, job)
+        dom.job, dom.job_def = job, bdef
+        problems = await job.resume()
+        for problem in problems:
+            log.warning("domain %s: %s", dom.name, problem)
+        dom.recovery_problems += problems
+        self._save_job(dom)
 
     def _disk_done(self, dom: Domain, dp: DiskPlan, status: BlockJobStatus) -> None:
         kind = int(BlockJobType.BACKUP)

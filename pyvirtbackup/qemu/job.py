@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..enums import BlockJobStatus, JobOperation, JobType
@@ -95,6 +95,7 @@ class BackupJob:
         self._worker: asyncio.Task[None] | None = None
         self._terminating = False
         self._export_deleted: dict[str, asyncio.Event] = {}
+        self._lost: set[str] = set()
 
     # timing and stats -----------------------------------------------------------
 
@@ -179,6 +180,87 @@ class BackupJob:
             await self.abort(wait=True)
             raise
         await self._changed()
+
+    # a record that outlives the process, and taking a job over from it -------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a later process needs to take this job over (or clean up after it)."""
+        return {
+            "version": 1,
+            "mode": self.mode,
+            "started": self.started_wall,
+            "disks": [
+                {
+                    "plan": asdict(d.plan),
+                    "state": d.state,
+                    "current": d.current,
+                    "total": d.total,
+                    "error": d.error,
+                }
+                for d in self.disks.values()
+            ],
+            "created_files": list(self.created_files),
+            "exports": list(self.exports_added),
+            "nbd_server": self.server_started,
+            "objects": list(self.objects_added),
+            "cancel_requested": self.cancel_requested,
+            "first_error": self.first_error,
+        }
+
+    @classmethod
+    def restore(
+        cls, mon: Monitor, record: dict[str, Any], callbacks: Callbacks | None = None
+    ) -> BackupJob:
+        """Rebuild a job from ``snapshot()``; ``resume()`` then reconciles it with QEMU."""
+        plans = [DiskPlan(**d["plan"]) for d in record["disks"]]
+        job = cls(mon, Plan(mode=record["mode"], disks=plans), callbacks)
+        for d in record["disks"]:
+            rt = job.disks[d["plan"]["job_id"]]
+            rt.state, rt.current, rt.total, rt.error = (
+                d.get("state") or RUNNING,
+                d.get("current", 0),
+                d.get("total", 0),
+                d.get("error"),
+            )
+        job.started_wall = float(record.get("started", time.time()))
+        job._started = time.monotonic() - max(time.time() - job.started_wall, 0.0)
+        job.created_files = list(record.get("created_files", []))
+        job.exports_added = list(record.get("exports", []))
+        job.server_started = bool(record.get("nbd_server"))
+        job.objects_added = list(record.get("objects", []))
+        job.cancel_requested = bool(record.get("cancel_requested"))
+        job.first_error = record.get("first_error")
+        return job
+
+    async def resume(self) -> list[str]:
+        """Take over in QEMU: follow jobs still running, finish those that ended unseen.
+
+        Returns what did not match QEMU (jobs that vanished), for the caller to report.
+        A vanished job's disk is failed and its leftovers cleaned, never dropped silently.
+        """
+        self._handler = self.mon.add_event_handler(self._on_event)
+        self.mon.on_disconnect(self._on_disconnect)
+        jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
+        problems: list[str] = []
+        for jid, d in self.disks.items():
+            if d.state not in (RUNNING, CANCELLING):
+                continue
+            qjob = jobs.get(jid)
+            if qjob is None:
+                problems.append(
+                    f"backup job '{jid}' of disk '{d.plan.disk}' is gone from QEMU "
+                    "(QEMU restarted, or someone dismissed it)"
+                )
+                self._lost.add(jid)
+                self._events.put_nowait({"event": "PVB_LOST", "data": {"id": jid}})
+            elif qjob.get("status") in ("concluded", "null"):
+                self._events.put_nowait(
+                    {"event": "JOB_STATUS_CHANGE", "data": {"id": jid, "status": "concluded"}}
+                )
+        self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
+        if not any(d.state in (RUNNING, CANCELLING) for d in self.disks.values()):
+            await self._terminate()
+        return problems
 
     async def _run(self, step: Step) -> None:
         if step.kind == "create-file":
@@ -297,6 +379,9 @@ class BackupJob:
         if name == "PVB_DISCONNECTED":
             await self._qemu_gone()
             return
+        if name == "PVB_LOST":
+            await self._disk_concluded(data["id"])
+            return
         if name == "BLOCK_JOB_ERROR":
             op = data.get("operation", "I/O")
             self.disks[data["device"]].error = self.disks[data["device"]].error or f"{op} error"
@@ -309,12 +394,15 @@ class BackupJob:
         if d.state not in (RUNNING, CANCELLING):
             return
         info: dict[str, Any] = {}
-        with contextlib.suppress(VirError):
-            for j in await self.mon.execute("query-jobs"):
-                if j.get("id") == jid:
-                    info = j
-        with contextlib.suppress(VirError):
-            await self.mon.execute("job-dismiss", {"id": jid})
+        if jid in self._lost:
+            info = {"error": "the backup job vanished from QEMU while no driver followed it"}
+        else:
+            with contextlib.suppress(VirError):
+                for j in await self.mon.execute("query-jobs"):
+                    if j.get("id") == jid:
+                        info = j
+            with contextlib.suppress(VirError):
+                await self.mon.execute("job-dismiss", {"id": jid})
         d.current = int(info.get("current-progress", d.current))
         d.total = int(info.get("total-progress", d.total))
         error = info.get("error")

@@ -23,6 +23,7 @@ from .enums import (
     BackupBeginFlags,
     BlockJobStatus,
     BlockJobType,
+    ConnectListAllDomainsFlags,
     DomainEventID,
     JobStatsFlags,
     JobType,
@@ -197,6 +198,91 @@ class Driver:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    async def connectListAllDomains(self, flags: int = 0) -> list[Domain]:
+        """Every domain recorded in the state directory, attached on the way.
+
+        A domain whose QEMU cannot be reached is listed as inactive (its monitor is
+        not connected), as libvirt lists a persistent domain that is shut off.
+        HAS_CHECKPOINT / NO_CHECKPOINT look at checkpoint metadata, which does not
+        need QEMU. Domains are never transient, autostarted or managed-saved here.
+        """
+        F = ConnectListAllDomainsFlags
+        _check_flags(flags, sum(F), "connectListAllDomains")
+        out: list[Domain] = []
+        for name in self.state.domain_names():
+            dom = self.domains.get(name)
+            if dom is None or not dom.monitor.connected:
+                dom = await self._attach_recorded(name)
+            if self._domain_matches(dom, F(flags)):
+                out.append(dom)
+        return out
+
+    async def _attach_recorded(self, name: str) -> Domain:
+        record = self.state.domain(name).read_record() or {}
+        qmp = record.get("qmp")
+        address: Address = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
+        try:
+            return await self.attach(name, address, record.get("disks"))
+        except VirError as exc:
+            log.info("domain %s is not reachable: %s", name, exc)
+        dom = Domain(name, record.get("uuid", ""), address, Monitor(f"pyvirtbackup-{name}"))
+        dom.completed = self.state.domain(name).read_completed()
+        self.domains[name] = dom
+        return dom
+
+    def _domain_matches(self, dom: Domain, flags: ConnectListAllDomainsFlags) -> bool:
+        F = ConnectListAllDomainsFlags
+        active = dom.monitor.connected
+        has_chk = bool(self.state.domain(dom.name).checkpoint_names())
+
+        def pair(yes: F, no: F, value: bool) -> bool:
+            if flags & (yes | no) in (0, yes | no):
+                return True
+            return value if flags & yes else not value
+
+        return (
+            pair(F.ACTIVE, F.INACTIVE, active)
+            and pair(F.PERSISTENT, F.TRANSIENT, True)
+            and pair(F.HAS_CHECKPOINT, F.NO_CHECKPOINT, has_chk)
+            and pair(F.HAS_SNAPSHOT, F.NO_SNAPSHOT, False)
+            and pair(F.MANAGEDSAVE, F.NO_MANAGEDSAVE, False)
+            and pair(F.AUTOSTART, F.NO_AUTOSTART, False)
+            and (
+                not flags & (F.RUNNING | F.PAUSED | F.SHUTOFF | F.OTHER)
+                or (bool(flags & (F.RUNNING | F.PAUSED | F.OTHER)) and active)
+                or (bool(flags & F.SHUTOFF) and not active)
+            )
+        )
+
+    async def domain_state(self, dom: Domain) -> str:
+        """QEMU's run state ('running', 'paused', 'prelaunch'...) or 'shut off'."""
+        if not dom.monitor.connected:
+            return "shut off"
+        try:
+            return (await dom.monitor.execute("query-status")).get("status", "unknown")
+        except VirError:
+            return "shut off"
+
+    async def forget(self, name: str) -> None:
+        """Drop a domain's record (the CLI's detach). Refused while a backup is recorded."""
+        dstate = self.state.domain(name)
+        if not dstate.exists():
+            raise VirError(
+                ErrorNumber.NO_DOMAIN,
+                ErrorDomain.DOMAIN,
+                f"Domain not found: no domain with matching name '{name}'",
+            )
+        if dstate.read_job() is not None:
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.DOMAIN,
+                f"domain '{name}' has a backup job recorded; end it with domjobabort first",
+            )
+        dom = self.domains.get(name)
+        if dom is not None:
+            await self.detach(dom)
+        dstate.delete_record()
+
     def _check_domain(self, dom: Domain) -> Domain:
         if not isinstance(dom, Domain) or self.domains.get(dom.name) is not dom:
             raise VirError(
@@ -227,17 +313,7 @@ class Driver:
         tuning: Tuning | Mapping[str, Any] | None = None,
     ) -> int:
         """Start a backup (virDomainBackupBegin); returns once every disk's job runs."""
-        _check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
-        self._check_domain(dom)
-        reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
-        bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
-        if checkpoint_xml is not None:
-            raise VirError(
-                ErrorNumber.OPERATION_UNSUPPORTED,
-                ErrorDomain.QEMU,
-                "creating checkpoint for incremental backup is not supported yet",
-            )
-        self._check_running(dom, "perform disk backup")
+        self._check_begin_args(dom, flags)
         if dom.job is not None or dom.begin_lock.locked():
             raise VirError(
                 ErrorNumber.OPERATION_INVALID,
@@ -245,16 +321,7 @@ class Driver:
                 f"another backup job is already running on domain '{dom.name}'",
             )
         async with dom.begin_lock:
-            job_tuning = self.tuning.merged(tuning)
-            await self.refresh_disks(dom)
-            bdef.align_disks(self._domain_disks(dom), suffix=str(int(time.time())))
-            if any(d.backupmode == "incremental" for d in bdef.selected_disks()):
-                raise VirError(
-                    ErrorNumber.OPERATION_UNSUPPORTED,
-                    ErrorDomain.QEMU,
-                    "incremental backup is not supported yet",
-                )
-            plan = await self._plan(dom, bdef, reuse, job_tuning)
+            bdef, plan = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
             job = BackupJob(dom.monitor, plan)
             job.callbacks = self._job_callbacks(dom, job)
             dom.job, dom.job_def = job, bdef
@@ -264,10 +331,60 @@ class Driver:
                 if dom.job is job:
                     dom.job = dom.job_def = None
                 raise
-            if job.done.is_set():  # every disk finished before we got here
-                return 0
             self._save_job(dom)
         return 0
+
+    async def backup_dry_run(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None = None,
+        flags: int = 0,
+        *,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The commands domainBackupBegin would run, in order; nothing is changed.
+
+        Only queries reach QEMU. Every check begin makes before touching anything is
+        made here too, so a dry run that succeeds means begin would get that far.
+        """
+        self._check_begin_args(dom, flags)
+        _bdef, plan = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+        return plan.describe()
+
+    def _check_begin_args(self, dom: Domain, flags: int) -> None:
+        _check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        self._check_domain(dom)
+
+    async def _prepare_backup(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None,
+        flags: int,
+        tuning: Tuning | Mapping[str, Any] | None,
+    ) -> tuple[BackupDef, Plan]:
+        """Parse, align and plan: everything of begin that changes nothing."""
+        reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
+        bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
+        if checkpoint_xml is not None:
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                "creating checkpoint for incremental backup is not supported yet",
+            )
+        self._check_running(dom, "perform disk backup")
+        job_tuning = self.tuning.merged(tuning)
+        await self.refresh_disks(dom)
+        bdef.align_disks(self._domain_disks(dom), suffix=str(int(time.time())))
+        if any(d.backupmode == "incremental" for d in bdef.selected_disks()):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                "incremental backup is not supported yet",
+            )
+        plan = await self._plan(dom, bdef, reuse, job_tuning)
+        return bdef, plan
 
     def _domain_disks(self, dom: Domain) -> list[DomainDisk]:
         return [

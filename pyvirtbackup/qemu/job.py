@@ -242,6 +242,7 @@ class BackupJob:
         self.mon.on_disconnect(self._on_disconnect)
         jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
         problems: list[str] = []
+        ended: list[str] = []
         for jid, d in self.disks.items():
             if d.state not in (RUNNING, CANCELLING):
                 continue
@@ -252,11 +253,12 @@ class BackupJob:
                     "(QEMU restarted, or someone dismissed it)"
                 )
                 self._lost.add(jid)
-                self._events.put_nowait({"event": "PVB_LOST", "data": {"id": jid}})
+                ended.append(jid)
             elif qjob.get("status") in ("concluded", "null"):
-                self._events.put_nowait(
-                    {"event": "JOB_STATUS_CHANGE", "data": {"id": jid, "status": "concluded"}}
-                )
+                ended.append(jid)
+        # finish what ended unseen now, so the caller sees the outcome on return
+        for jid in ended:
+            await self._disk_concluded(jid)
         self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
         if not any(d.state in (RUNNING, CANCELLING) for d in self.disks.values()):
             await self._terminate()
@@ -378,9 +380,6 @@ class BackupJob:
         data = event.get("data") or {}
         if name == "PVB_DISCONNECTED":
             await self._qemu_gone()
-            return
-        if name == "PVB_LOST":
-            await self._disk_concluded(data["id"])
             return
         if name == "BLOCK_JOB_ERROR":
             op = data.get("operation", "I/O")

@@ -158,10 +158,22 @@ class BackupJob:
         self._handler = self.mon.add_event_handler(self._on_event)
         undo: list[Step] = []
         try:
-            for step in self.plan.prepare:
-                await self._run(step)
-                # a step that already undid something (the mkfs node's delete) retires its undo
-                undo = [u for u in undo if u.describe() != step.describe()] + step.undo
+            await self._run_lane(self.plan.prepare, undo)
+            # each disk's store is made in its own lane: QEMU answers them in turn,
+            # but their round trips overlap, which is most of a many-disk begin
+            lanes: list[list[Step]] = [[] for _ in self.plan.stores]
+            results = await asyncio.gather(
+                *(
+                    self._run_lane(steps, out)
+                    for steps, out in zip(self.plan.stores, lanes, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            for out in lanes:
+                undo += out
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if failures:
+                raise failures[0]
             await self.mon.transaction(self.plan.transaction)
         except BaseException:
             await self._rollback(undo)
@@ -263,6 +275,13 @@ class BackupJob:
         if not any(d.state in (RUNNING, CANCELLING) for d in self.disks.values()):
             await self._terminate()
         return problems
+
+    async def _run_lane(self, steps: list[Step], undo: list[Step]) -> None:
+        """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
+        for step in steps:
+            await self._run(step)
+            # a step that already undid something (the mkfs node's delete) retires its undo
+            undo[:] = [u for u in undo if u.describe() != step.describe()] + step.undo
 
     async def _run(self, step: Step) -> None:
         if step.kind == "create-file":

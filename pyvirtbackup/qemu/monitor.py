@@ -70,6 +70,7 @@ class Monitor:
         self.disconnected = asyncio.Event()
         self._hmp_qdev: dict[str, str] = {}
         self._reap_lock = asyncio.Lock()
+        self.commands_sent = 0  # QMP round trips, for benchmarks
 
     # connection -------------------------------------------------------------
 
@@ -156,6 +157,7 @@ class Monitor:
         if self.disconnected.is_set() or self._client.runstate != Runstate.RUNNING:
             raise _not_running(f"no connection to its monitor for '{command}'")
         started = time.monotonic()
+        self.commands_sent += 1
         try:
             result = await asyncio.wait_for(self._client.execute(command, arguments), timeout)
             log.debug("%s took %.1f ms", command, (time.monotonic() - started) * 1000)

@@ -410,3 +410,43 @@ async def test_qemu_dying_mid_backup_fails_the_job_and_removes_targets(vm_factor
     assert "QEMU exited" in final["errmsg"]
     assert not os.path.exists(target)
     assert dom.job is None
+
+
+async def test_failure_while_preparing_rolls_back_the_other_disks(vm_factory, driver, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB), ("vdb", "qcow2", 16 * MiB)])
+    dom = await driver.attach("vm1", vm.qmp)
+    before = await node_names(vm.mon)
+    xml = (
+        "<domainbackup><disks>"
+        f"<disk name='vda'><target file='{tmp_path}/vda.bak'/></disk>"
+        f"<disk name='vdb'><target file='{tmp_path}/no/such/dir/vdb.bak'/></disk>"
+        "</disks></domainbackup>"
+    )
+    with pytest.raises(VirError) as exc:
+        await driver.domainBackupBegin(dom, xml)
+    assert "no/such/dir/vdb.bak" in str(exc.value)
+    assert not (tmp_path / "vda.bak").exists()
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT
+    assert dom.job is None
+
+
+async def test_refused_transaction_rolls_back_and_keeps_the_callers_file(
+    vm_factory, driver, tmp_path
+):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    dom = await driver.attach("vm1", vm.qmp)
+    before = await node_names(vm.mon)
+    target = tmp_path / "small.qcow2"
+    await imgtools.create(str(target), 8 * MiB)  # the wrong size: QEMU refuses the job
+    content = target.read_bytes()
+    xml = (
+        "<domainbackup><disks>"
+        f"<disk name='vda'><target file='{target}'/></disk>"
+        "</disks></domainbackup>"
+    )
+    with pytest.raises(VirError) as exc:
+        await driver.domainBackupBegin(dom, xml, None, BackupBeginFlags.REUSE_EXTERNAL)
+    assert "different sizes" in str(exc.value)
+    assert target.read_bytes() == content, "a file we did not create must not change"
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT
+    assert dom.job is None

@@ -138,12 +138,19 @@ def _no_qemu_left_behind() -> object:
 
 
 def _our_qemus() -> set[int]:
+    """QEMUs this pytest started: its children, so that other test runs on the same
+    machine (another checkout, a demo) are not taken for our leftovers."""
+    me = os.getpid()
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"pyvirtbackup-qemu-" in cmdline and b"qemu-system" in cmdline:
+            if b"pyvirtbackup-qemu-" not in cmdline or b"qemu-system" not in cmdline:
+                continue
+            # the parent pid is the 2nd field after the parenthesised command name
+            stat_fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat_fields[1]) == me:
                 pids.add(int(entry))
     return pids

@@ -52,18 +52,22 @@ class Tuning:
 
 @dataclass
 class Step:
-    """One thing to do: a QMP command, a QMP job (wait + dismiss), or a local file action.
+    """One thing to do: a QMP command, a QMP job (wait + dismiss), handing QEMU a
+    descriptor (``pass-fd``: the listening socket, then ``getfd``), or a local file
+    action.
 
     ``undo`` runs, in reverse order, when a later step fails before the backup starts.
+    ``ignore_errors`` is for undo steps whose object may already be gone.
     """
 
-    kind: str  # "qmp", "qmp-job", "create-file", "remove-file"
+    kind: str  # "qmp", "qmp-job", "pass-fd", "create-file", "remove-file", "chmod"
     command: str
     args: dict[str, Any] = field(default_factory=dict)
     undo: list[Step] = field(default_factory=list)
+    ignore_errors: bool = False
 
     def describe(self) -> dict[str, Any]:
-        if self.kind in ("qmp", "qmp-job"):
+        if self.kind in ("qmp", "qmp-job", "pass-fd"):
             return {"execute": self.command, "arguments": self.args}
         return {"local": self.command, **self.args}
 

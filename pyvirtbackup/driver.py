@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .conf import BackupDef, DomainDisk
+from .conf import BackupDef, BackupServer, DomainDisk
 from .enums import (
     AbortJobFlags,
     BackupBeginFlags,
@@ -29,9 +29,10 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .events import EventRegistry
-from .qemu import blockgraph
+from .qemu import blockgraph, listen, nbd
 from .qemu.blockgraph import Disk
 from .qemu.job import BackupJob, Callbacks, JobResult
+from .qemu.listen import Listener
 from .qemu.monitor import Address, Monitor
 from .qemu.plan import DiskPlan, Plan, PlanDisk, Tuning, next_store_id, plan_backup
 from .state import State, check_component
@@ -39,6 +40,9 @@ from .state import State, check_component
 log = logging.getLogger(__name__)
 
 DEFAULT_TLS_DIR = "/etc/pki/pyvirtbackup"
+# a picked port can be taken between our check and QEMU's bind only when QEMU binds
+# it itself (a monitor over TCP cannot take our socket); then begin tries again
+PORT_PICK_ATTEMPTS = 3
 
 
 def _check_flags(flags: int, allowed: int, function: str) -> None:
@@ -87,6 +91,12 @@ class Driver:
     /var/lib/pyvirtbackup as root, else $XDG_STATE_HOME/pyvirtbackup).
     ``tuning`` sets how QEMU copies (see ``qemu.plan.Tuning``); each begin may
     override it.
+
+    Pull backups: ``tls_x509_cert_dir`` holds the NBD server's certificates
+    (ca-cert.pem, server-cert.pem, server-key.pem, as libvirt's
+    backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
+    makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
+    mode of a ``transport='unix'`` socket (owner-only by default).
     """
 
     def __init__(
@@ -97,10 +107,12 @@ class Driver:
         tls_x509_verify: bool = True,
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
+        nbd_socket_mode: int = 0o600,
     ) -> None:
         self.state = State(state_dir)
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
+        self.nbd_socket_mode = nbd_socket_mode
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}
@@ -245,24 +257,111 @@ class Driver:
                     ErrorDomain.QEMU,
                     "incremental backup is not supported yet",
                 )
-            plan = await self._plan(dom, bdef, reuse, job_tuning)
-            job = BackupJob(dom.monitor, plan)
-            job.callbacks = Callbacks(
-                changed=lambda: self._save_job(dom),
-                disk_done=lambda dp, status: self._disk_done(dom, dp, status),
-                finished=lambda result: self._job_finished(dom, job, result),
-            )
-            dom.job, dom.job_def = job, bdef
-            try:
-                await job.start()
-            except BaseException:
-                if dom.job is job:
-                    dom.job = dom.job_def = None
-                raise
+            tls = self._pull_prepare(bdef) if bdef.is_pull else None
+            pick_port = bdef.is_pull and bdef.server is not None and bdef.server.port is None
+            attempt = 1
+            while True:
+                plan = await self._plan(dom, bdef, reuse, job_tuning)
+                listener = self._nbd_listen(dom, bdef, plan, tls) if bdef.is_pull else None
+                try:
+                    job = await self._start_job(dom, bdef, plan, listener)
+                except VirError as exc:
+                    retry = (
+                        pick_port
+                        and not dom.monitor.can_pass_fds
+                        and "Address already in use" in exc.message
+                        and attempt < PORT_PICK_ATTEMPTS
+                    )
+                    if not retry:
+                        raise
+                    log.info("picked NBD port was taken meanwhile; trying another: %s", exc)
+                    attempt += 1
+                    assert bdef.server is not None
+                    bdef.server.port = None
+                    continue
+                break
             if job.done.is_set():  # every disk finished before we got here
                 return 0
             self._save_job(dom)
         return 0
+
+    async def _start_job(
+        self, dom: Domain, bdef: BackupDef, plan: Plan, listener: Listener | None
+    ) -> BackupJob:
+        job = BackupJob(dom.monitor, plan, listener=listener)
+        job.callbacks = Callbacks(
+            changed=lambda: self._save_job(dom),
+            disk_done=lambda dp, status: self._disk_done(dom, dp, status),
+            finished=lambda result: self._job_finished(dom, job, result),
+        )
+        dom.job, dom.job_def = job, bdef
+        try:
+            await job.start()
+        except BaseException:
+            if dom.job is job:
+                dom.job = dom.job_def = None
+            raise
+        return job
+
+    def _pull_prepare(self, bdef: BackupDef) -> nbd.TlsCreds | None:
+        """Pull checks that need no QEMU: where to listen, and the TLS files.
+
+        libvirt refuses tcp without a port; we pick a free one instead (and
+        GetXMLDesc shows it). Certificates are checked here, before any scratch
+        image exists, where libvirt 9.0 finds a missing one only inside QEMU.
+        """
+        if bdef.server is None:
+            bdef.server = BackupServer(transport="tcp", name="localhost")
+        server = bdef.server
+        if server.transport not in ("tcp", "unix"):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"transport '{server.transport}' for <server> is not supported; "
+                "use transport='tcp' or transport='unix'",
+            )
+        if not server.tls:
+            return None
+        nbd.check_tls_dir(self.tls_x509_cert_dir)
+        bdef.tls_alias = nbd.TLS_ALIAS
+        return nbd.TlsCreds(self.tls_x509_cert_dir, self.tls_x509_verify, nbd.TLS_ALIAS)
+
+    def _nbd_listen(
+        self, dom: Domain, bdef: BackupDef, plan: Plan, tls: nbd.TlsCreds | None
+    ) -> Listener:
+        """Bind the NBD server's socket and add the server and export steps.
+
+        Over a unix monitor we bind the socket and hand it to QEMU (race-free
+        port, owner-only unix socket); over a TCP monitor QEMU binds it and we
+        narrow a unix socket's mode before any export exists.
+        """
+        server = bdef.server
+        assert server is not None
+        nbd.check_export_names(plan)
+        if dom.monitor.can_pass_fds:
+            if server.transport == "unix":
+                assert server.socket is not None
+                listener = listen.listen_unix(server.socket, self.nbd_socket_mode)
+            else:
+                assert server.name is not None
+                listener = listen.listen_tcp(server.name, server.port)
+                server.port = listener.port
+            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
+            return listener
+        if server.transport == "unix":
+            assert server.socket is not None
+            listen.check_unix_path(server.socket)
+            nbd.add_pull_steps(
+                plan,
+                nbd.unix_address(server.socket),
+                tls=tls,
+                chmod=(server.socket, self.nbd_socket_mode),
+            )
+            return Listener("unix", path=server.socket)
+        assert server.name is not None
+        server.port = server.port or listen.pick_tcp_port(server.name)
+        nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
+        return Listener("tcp", host=server.name, port=server.port)
 
     def _domain_disks(self, dom: Domain) -> list[DomainDisk]:
         return [
@@ -312,7 +411,10 @@ class Driver:
         )
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
-            d.index = by_name[d.name].store_id
+            dp = by_name[d.name]
+            d.index = dp.store_id
+            if bdef.is_pull:  # GetXMLDesc shows the names clients ask for
+                d.exportname, d.exportbitmap = dp.export_name, dp.export_bitmap
         return plan
 
     def _save_job(self, dom: Domain) -> None:
@@ -332,6 +434,16 @@ class Driver:
             "exports": list(job.exports_added),
             "nbd_server": job.server_started,
             "objects": list(job.objects_added),
+            "nbd_listener": (
+                {
+                    "transport": job.listener.transport,
+                    "host": job.listener.host,
+                    "port": job.listener.port,
+                    "path": job.listener.path,
+                }
+                if job.listener is not None
+                else None
+            ),
             "cancel_requested": job.cancel_requested,
         }
         try:

@@ -26,7 +26,7 @@ from pyvirtbackup import (
     JobType,
     VirError,
 )
-from pyvirtbackup.qemu import imgtools
+from pyvirtbackup.qemu import imgtools, listen
 from pyvirtbackup.qemu.nbd import TLS_ALIAS
 
 from .certs import Pki, make_pki
@@ -505,3 +505,54 @@ async def test_fd_transport_is_refused(vm_factory, drivers, tmp_path):
         )
     assert exc.value.code == ErrorNumber.OPERATION_UNSUPPORTED
     await assert_nothing_left(vm, before, [])
+
+
+async def test_over_a_tcp_monitor_qemu_binds_and_we_narrow(
+    vm_factory, drivers, tmp_path, monkeypatch
+):
+    """No descriptor passing over TCP: QEMU binds, a picked port may be retried."""
+    qmp_port = socket.create_server(("127.0.0.1", 0))
+    port_number = qmp_port.getsockname()[1]
+    qmp_port.close()
+    vm = await vm_factory(
+        [("vda", "qcow2", 16 * MiB)],
+        extra_args=["-qmp", f"tcp:127.0.0.1:{port_number},server=on,wait=off"],
+    )
+    drv = drivers()
+    dom = await drv.attach("vm1", ("127.0.0.1", port_number))
+    assert not dom.monitor.can_pass_fds
+    sock, scratch = str(tmp_path / "nbd.sock"), str(tmp_path / "vda.scratch")
+    before = await node_names(vm)
+
+    old_umask = os.umask(0o000)
+    try:
+        await drv.domainBackupBegin(
+            dom, pull_xml(f"<server transport='unix' socket='{sock}'/>", {"vda": scratch})
+        )
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    await nbdcopy(unix_uri(sock, "vda"), "null:")
+    await drv.domainAbortJob(dom)
+    await assert_nothing_left(vm, before, [scratch, sock])
+
+    # the first port we pick is taken by the time QEMU binds it: begin tries again
+    squatter = socket.create_server(("127.0.0.1", 0))
+    taken = squatter.getsockname()[1]
+    handed: list[int] = []
+    real_pick = listen.pick_tcp_port
+
+    def pick(host: str) -> int:
+        handed.append(real_pick(host) if handed else taken)
+        return handed[-1]
+
+    monkeypatch.setattr(listen, "pick_tcp_port", pick)
+    try:
+        await drv.domainBackupBegin(dom, pull_xml("<server name='127.0.0.1'/>", {"vda": scratch}))
+    finally:
+        squatter.close()
+    port = int(server_attrs(await drv.domainBackupGetXMLDesc(dom))["port"])
+    assert handed[0] == taken and handed[-1] == port != taken
+    await nbdinfo(tcp_uri("127.0.0.1", port, "vda"))
+    await drv.domainAbortJob(dom)
+    await assert_nothing_left(vm, before, [scratch])

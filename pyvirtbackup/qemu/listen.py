@@ -35,8 +35,9 @@ class Listener:
 
     ``sock`` is our copy; once QEMU holds its own (``getfd``) ours is released,
     or the kernel would go on accepting connections for a server that stopped.
-    ``ident`` is the (device, inode) of a unix socket file we created: only that
-    file is ever unlinked. ``sock`` is None for a socket QEMU binds itself.
+    ``ident`` is the (device, inode, ctime) of a unix socket file we created: only
+    that file is ever unlinked (inode numbers alone are reused at once). ``sock``
+    is None for a socket QEMU binds itself.
     """
 
     transport: str  # tcp | unix
@@ -44,7 +45,7 @@ class Listener:
     host: str | None = None
     port: int | None = None
     path: str | None = None
-    ident: tuple[int, int] | None = None
+    ident: tuple[int, int, int] | None = None
 
     def fileno(self) -> int:
         if self.sock is None:
@@ -72,12 +73,16 @@ class Listener:
             return
         if not stat.S_ISSOCK(st.st_mode):
             return
-        if self.ident is not None and (st.st_dev, st.st_ino) != self.ident:
+        if self.ident is not None and _ident(st) != self.ident:
             return
-        if self.ident is None and _socket_alive(self.path):
+        if _socket_alive(self.path):
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 def _socket_alive(path: str) -> bool:
@@ -135,7 +140,7 @@ def listen_unix(path: str, mode: int = 0o600) -> Listener:
                 os.unlink(path)
         what = f"cannot listen on unix socket '{path}' for the NBD server"
         raise _system_error(what, exc) from None
-    return Listener("unix", sock, path=path, ident=(st.st_dev, st.st_ino))
+    return Listener("unix", sock, path=path, ident=_ident(st))
 
 
 def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:

@@ -556,3 +556,28 @@ async def test_over_a_tcp_monitor_qemu_binds_and_we_narrow(
     await nbdinfo(tcp_uri("127.0.0.1", port, "vda"))
     await drv.domainAbortJob(dom)
     await assert_nothing_left(vm, before, [scratch])
+
+
+async def test_qemu_dying_mid_backup_leaves_no_scratch_or_socket(vm_factory, drivers, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    drv = drivers()
+    dom = await drv.attach("vm1", vm.qmp)
+    sock, scratch = str(tmp_path / "nbd.sock"), str(tmp_path / "vda.scratch")
+    completed: list[dict] = []
+    await drv.connectDomainEventRegisterAny(
+        dom, DomainEventID.JOB_COMPLETED, lambda _c, _d, params, _o: completed.append(params)
+    )
+    await drv.domainBackupBegin(
+        dom, pull_xml(f"<server transport='unix' socket='{sock}'/>", {"vda": scratch})
+    )
+    assert os.path.exists(sock) and os.path.exists(scratch)
+
+    vm.proc.kill()
+    await vm.proc.proc.wait()
+    for _ in range(200):
+        if completed:
+            break
+        await asyncio.sleep(0.05)
+    assert completed and completed[0]["type"] == JobType.FAILED
+    assert "QEMU exited" in completed[0]["errmsg"]
+    assert not os.path.lexists(scratch) and not os.path.lexists(sock)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .conf import BackupDef, DomainDisk
+from .conf import BackupDef, BackupServer, DomainDisk
 from .enums import (
     AbortJobFlags,
     BackupBeginFlags,
@@ -30,9 +30,10 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .events import EventRegistry
-from .qemu import blockgraph
+from .qemu import blockgraph, listen, nbd
 from .qemu.blockgraph import Disk
 from .qemu.job import BackupJob, Callbacks, JobResult
+from .qemu.listen import Listener
 from .qemu.monitor import Address, Monitor
 from .qemu.plan import DiskPlan, Plan, PlanDisk, Tuning, next_store_id, plan_backup
 from .state import State, check_component
@@ -40,6 +41,9 @@ from .state import State, check_component
 log = logging.getLogger(__name__)
 
 DEFAULT_TLS_DIR = "/etc/pki/pyvirtbackup"
+# a picked port can be taken between our check and QEMU's bind only when QEMU binds
+# it itself (a monitor over TCP cannot take our socket); then begin tries again
+PORT_PICK_ATTEMPTS = 3
 
 
 def _check_flags(flags: int, allowed: int, function: str) -> None:
@@ -55,6 +59,17 @@ def _check_flags(flags: int, allowed: int, function: str) -> None:
 
 def _address_record(qmp: Address) -> Any:
     return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
+
+
+@dataclass
+class _Prepared:
+    """A begin that has been checked and planned but has changed nothing yet."""
+
+    bdef: BackupDef
+    plan: Plan
+    reuse: bool
+    tuning: Tuning
+    tls: nbd.TlsCreds | None
 
 
 @dataclass
@@ -92,6 +107,12 @@ class Driver:
     /var/lib/pyvirtbackup as root, else $XDG_STATE_HOME/pyvirtbackup).
     ``tuning`` sets how QEMU copies (see ``qemu.plan.Tuning``); each begin may
     override it.
+
+    Pull backups: ``tls_x509_cert_dir`` holds the NBD server's certificates
+    (ca-cert.pem, server-cert.pem, server-key.pem, as libvirt's
+    backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
+    makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
+    mode of a ``transport='unix'`` socket (owner-only by default).
     """
 
     def __init__(
@@ -102,10 +123,12 @@ class Driver:
         tls_x509_verify: bool = True,
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
+        nbd_socket_mode: int = 0o600,
     ) -> None:
         self.state = State(state_dir)
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
+        self.nbd_socket_mode = nbd_socket_mode
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}
@@ -321,16 +344,8 @@ class Driver:
                 f"another backup job is already running on domain '{dom.name}'",
             )
         async with dom.begin_lock:
-            bdef, plan = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
-            job = BackupJob(dom.monitor, plan)
-            job.callbacks = self._job_callbacks(dom, job)
-            dom.job, dom.job_def = job, bdef
-            try:
-                await job.start()
-            except BaseException:
-                if dom.job is job:
-                    dom.job = dom.job_def = None
-                raise
+            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+            await self._start_prepared(dom, prep)
             self._save_job(dom)
         return 0
 
@@ -345,12 +360,15 @@ class Driver:
     ) -> list[dict[str, Any]]:
         """The commands domainBackupBegin would run, in order; nothing is changed.
 
-        Only queries reach QEMU. Every check begin makes before touching anything is
-        made here too, so a dry run that succeeds means begin would get that far.
+        Only queries reach QEMU and no socket is bound (a port still to be picked
+        shows as 0). Every check begin makes before touching anything is made here
+        too, so a dry run that succeeds means begin would get that far.
         """
         self._check_begin_args(dom, flags)
-        _bdef, plan = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
-        return plan.describe()
+        prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+        if prep.bdef.is_pull:
+            self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls, bind=False)
+        return prep.plan.describe()
 
     def _check_begin_args(self, dom: Domain, flags: int) -> None:
         _check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
@@ -363,7 +381,7 @@ class Driver:
         checkpoint_xml: str | None,
         flags: int,
         tuning: Tuning | Mapping[str, Any] | None,
-    ) -> tuple[BackupDef, Plan]:
+    ) -> _Prepared:
         """Parse, align and plan: everything of begin that changes nothing."""
         reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
         bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
@@ -383,8 +401,126 @@ class Driver:
                 ErrorDomain.QEMU,
                 "incremental backup is not supported yet",
             )
+        tls = self._pull_prepare(bdef) if bdef.is_pull else None
         plan = await self._plan(dom, bdef, reuse, job_tuning)
-        return bdef, plan
+        return _Prepared(bdef, plan, reuse, job_tuning, tls)
+
+    async def _start_prepared(self, dom: Domain, prep: _Prepared) -> BackupJob:
+        """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
+        server = prep.bdef.server
+        pick_port = prep.bdef.is_pull and server is not None and server.port is None
+        attempt = 1
+        while True:
+            listener = (
+                self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls) if prep.bdef.is_pull else None
+            )
+            try:
+                return await self._start_job(dom, prep.bdef, prep.plan, listener)
+            except VirError as exc:
+                retry = (
+                    pick_port
+                    and not dom.monitor.can_pass_fds
+                    and "Address already in use" in exc.message
+                    and attempt < PORT_PICK_ATTEMPTS
+                )
+                if not retry:
+                    raise
+                log.info("picked NBD port was taken meanwhile; trying another: %s", exc)
+                attempt += 1
+                assert server is not None
+                server.port = None
+                prep.plan = await self._plan(dom, prep.bdef, prep.reuse, prep.tuning)
+
+    async def _start_job(
+        self, dom: Domain, bdef: BackupDef, plan: Plan, listener: Listener | None
+    ) -> BackupJob:
+        job = BackupJob(dom.monitor, plan, listener=listener)
+        job.callbacks = self._job_callbacks(dom, job)
+        dom.job, dom.job_def = job, bdef
+        try:
+            await job.start()
+        except BaseException:
+            if dom.job is job:
+                dom.job = dom.job_def = None
+            raise
+        return job
+
+    def _pull_prepare(self, bdef: BackupDef) -> nbd.TlsCreds | None:
+        """Pull checks that need no QEMU: where to listen, and the TLS files.
+
+        libvirt refuses tcp without a port; we pick a free one instead (and
+        GetXMLDesc shows it). Certificates are checked here, before any scratch
+        image exists, where libvirt 9.0 finds a missing one only inside QEMU.
+        """
+        if bdef.server is None:
+            bdef.server = BackupServer(transport="tcp", name="localhost")
+        server = bdef.server
+        if server.transport not in ("tcp", "unix"):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"transport '{server.transport}' for <server> is not supported; "
+                "use transport='tcp' or transport='unix'",
+            )
+        if not server.tls:
+            return None
+        nbd.check_tls_dir(self.tls_x509_cert_dir)
+        bdef.tls_alias = nbd.TLS_ALIAS
+        return nbd.TlsCreds(self.tls_x509_cert_dir, self.tls_x509_verify, nbd.TLS_ALIAS)
+
+    def _nbd_listen(
+        self,
+        dom: Domain,
+        bdef: BackupDef,
+        plan: Plan,
+        tls: nbd.TlsCreds | None,
+        *,
+        bind: bool = True,
+    ) -> Listener:
+        """Bind the NBD server's socket and add the server and export steps.
+
+        Over a unix monitor we bind the socket and hand it to QEMU (race-free
+        port, owner-only unix socket); over a TCP monitor QEMU binds it and we
+        narrow a unix socket's mode before any export exists.
+        """
+        server = bdef.server
+        assert server is not None
+        nbd.check_export_names(plan)
+        if not bind:  # a dry run: the same steps, no socket
+            if dom.monitor.can_pass_fds:
+                address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+            elif server.transport == "unix":
+                address = nbd.unix_address(server.socket or "")
+            else:
+                address = nbd.inet_address(server.name or "", server.port or 0)
+            nbd.add_pull_steps(plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds)
+            return Listener(
+                server.transport, host=server.name, port=server.port, path=server.socket
+            )
+        if dom.monitor.can_pass_fds:
+            if server.transport == "unix":
+                assert server.socket is not None
+                listener = listen.listen_unix(server.socket, self.nbd_socket_mode)
+            else:
+                assert server.name is not None
+                listener = listen.listen_tcp(server.name, server.port)
+                server.port = listener.port
+            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
+            return listener
+        if server.transport == "unix":
+            assert server.socket is not None
+            listen.check_unix_path(server.socket)
+            nbd.add_pull_steps(
+                plan,
+                nbd.unix_address(server.socket),
+                tls=tls,
+                chmod=(server.socket, self.nbd_socket_mode),
+            )
+            return Listener("unix", path=server.socket)
+        assert server.name is not None
+        server.port = server.port or listen.pick_tcp_port(server.name)
+        nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
+        return Listener("tcp", host=server.name, port=server.port)
 
     def _domain_disks(self, dom: Domain) -> list[DomainDisk]:
         return [
@@ -434,7 +570,10 @@ class Driver:
         )
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
-            d.index = by_name[d.name].store_id
+            dp = by_name[d.name]
+            d.index = dp.store_id
+            if bdef.is_pull:  # GetXMLDesc shows the names clients ask for
+                d.exportname, d.exportbitmap = dp.export_name, dp.export_bitmap
         return plan
 
     def _save_job(self, dom: Domain) -> None:

@@ -97,6 +97,7 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
         fill: Sequence[tuple[int, int, int]] = DEFAULT_FILL,
         existing: dict[str, TestDisk] | None = None,
         subdir: str = "images",
+        extra_args: Sequence[str] = (),
     ) -> VM:
         workdir = tmp_path / subdir
         workdir.mkdir(exist_ok=True)
@@ -109,7 +110,8 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
                 path = await make_disk(workdir, name, fmt, size, fill)
                 test_disks[name] = TestDisk(name, path, fmt, size, bus, readonly)
         proc = QemuProcess(
-            [DiskSpec(d.name, d.path, d.format, d.bus, d.readonly) for d in test_disks.values()]
+            [DiskSpec(d.name, d.path, d.format, d.bus, d.readonly) for d in test_disks.values()],
+            extra_args=list(extra_args),
         )
         await proc.start()
         mon = Monitor("test-orchestrator")

@@ -12,6 +12,7 @@ from pyvirtbackup.qemu import imgtools
 
 from .conftest import MiB
 from .drivertools import NOTHING_LEFT, EventLog, leftovers, node_names, unthrottle, wait_completed
+from .nbd_clients import nbdcopy, unix_uri
 from .test_push import targets
 
 pytestmark = pytest.mark.asyncio
@@ -115,3 +116,35 @@ async def test_job_gone_with_a_restarted_qemu_is_reported_and_cleaned(vm_factory
         assert dom.job is None
     assert not os.path.exists(path), "the partial target of the lost job must be removed"
     assert not (state / "domains" / "vm1" / "backup.json").exists()
+
+
+async def test_new_driver_takes_over_a_pull_and_cleans_up_at_abort(vm_factory, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    state = tmp_path / "state"
+    before = await node_names(vm.mon)
+    ref = await vm.snapshot("vda", str(tmp_path / "ref"))
+    sock = str(tmp_path / "nbd.sock")
+    scratch = str(tmp_path / "vda.scratch")
+    xml = (
+        f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/>"
+        f"<disks><disk name='vda'><scratch file='{scratch}'/></disk></disks></domainbackup>"
+    )
+    first = Driver(state_dir=state)
+    dom = await first.attach("vm1", vm.qmp)
+    await first.domainBackupBegin(dom, xml)
+    await first.close()
+    await vm.write("vda", 0x66, 0, 1 * MiB)  # after begin: not in the export
+
+    async with Driver(state_dir=state) as second:
+        dom = await second.attach("vm1", vm.qmp)
+        assert dom.recovery_problems == []
+        assert "exportname='vda'" in await second.domainBackupGetXMLDesc(dom)
+        copy = str(tmp_path / "copy.raw")
+        await nbdcopy(unix_uri(sock, "vda"), copy)
+        same, msg = await imgtools.compare(ref, copy, fmt_a="raw", fmt_b="raw")
+        assert same, msg
+        await second.domainAbortJob(dom)
+        done = await second.domainGetJobStats(dom, JobStatsFlags.COMPLETED)
+        assert done["type"] == JobType.COMPLETED
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT
+    assert not os.path.exists(sock) and not os.path.exists(scratch)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..enums import BlockJobStatus, JobOperation, JobType
 from ..errors import ErrorDomain, ErrorNumber, VirError
+from .listen import Listener
 from .monitor import Monitor
 from .plan import DiskPlan, Plan, Step
 
@@ -73,9 +74,17 @@ def _exists_error(path: str, disk: str) -> VirError:
 class BackupJob:
     """One backup of one domain, from begin to the last cleanup."""
 
-    def __init__(self, mon: Monitor, plan: Plan, callbacks: Callbacks | None = None) -> None:
+    def __init__(
+        self,
+        mon: Monitor,
+        plan: Plan,
+        callbacks: Callbacks | None = None,
+        *,
+        listener: Listener | None = None,
+    ) -> None:
         self.mon = mon
         self.plan = plan
+        self.listener = listener  # the NBD server's socket, which the job cleans up
         self.callbacks = callbacks or Callbacks()
         self.disks = {dp.job_id: DiskRuntime(dp) for dp in plan.disks}
         self.started_wall = time.time()
@@ -158,7 +167,6 @@ class BackupJob:
         self._handler = self.mon.add_event_handler(self._on_event)
         undo: list[Step] = []
         try:
-            await self._run_lane(self.plan.prepare, undo)
             # each disk's store is made in its own lane: QEMU answers them in turn,
             # but their round trips overlap, which is most of a many-disk begin
             lanes: list[list[Step]] = [[] for _ in self.plan.stores]
@@ -174,9 +182,13 @@ class BackupJob:
             failures = [r for r in results if isinstance(r, BaseException)]
             if failures:
                 raise failures[0]
+            # then, in libvirt's order, the monitor prologue: TLS object, NBD server
+            await self._run_lane(self.plan.prepare, undo)
             await self.mon.transaction(self.plan.transaction)
         except BaseException:
             await self._rollback(undo)
+            if self.listener is not None:
+                self.listener.cleanup()
             self.mon.remove_event_handler(self._handler)
             self._handler = None
             raise
@@ -217,6 +229,17 @@ class BackupJob:
             "objects": list(self.objects_added),
             "cancel_requested": self.cancel_requested,
             "first_error": self.first_error,
+            "nbd_listener": (
+                {
+                    "transport": self.listener.transport,
+                    "host": self.listener.host,
+                    "port": self.listener.port,
+                    "path": self.listener.path,
+                    "ident": list(self.listener.ident) if self.listener.ident else None,
+                }
+                if self.listener is not None
+                else None
+            ),
         }
 
     @classmethod
@@ -242,6 +265,16 @@ class BackupJob:
         job.objects_added = list(record.get("objects", []))
         job.cancel_requested = bool(record.get("cancel_requested"))
         job.first_error = record.get("first_error")
+        lrec = record.get("nbd_listener")
+        if lrec:
+            ident = tuple(lrec["ident"]) if lrec.get("ident") else None
+            job.listener = Listener(
+                lrec["transport"],
+                host=lrec.get("host"),
+                port=lrec.get("port"),
+                path=lrec.get("path"),
+                ident=ident,  # type: ignore[arg-type]
+            )
         return job
 
     async def resume(self) -> list[str]:
@@ -289,10 +322,24 @@ class BackupJob:
         elif step.kind == "remove-file":
             self._remove_file(step.args["path"])
         elif step.kind == "qmp":
-            await self.mon.execute(step.command, step.args)
+            try:
+                await self.mon.execute(step.command, step.args)
+            except VirError:
+                if step.ignore_errors:
+                    return
+                raise
             self._note_resource(step)
         elif step.kind == "qmp-job":
             await self._run_qmp_job(step)
+        elif step.kind == "pass-fd":
+            if self.listener is None:  # pragma: no cover - a driver bug
+                raise AssertionError("a pass-fd step needs the job's listener")
+            await self.mon.pass_fd(self.listener.fileno(), step.args["fdname"])
+            # QEMU holds its own copy now; ours would keep accepting connections
+            # after QEMU's server stopped
+            self.listener.release()
+        elif step.kind == "chmod":
+            self._chmod(step.args["path"], step.args["mode"])
         else:  # pragma: no cover - a planner bug
             raise AssertionError(f"unknown step kind {step.kind}")
 
@@ -301,8 +348,12 @@ class BackupJob:
             self.exports_added.append(step.args["id"])
         elif step.command == "nbd-server-start":
             self.server_started = True
+        elif step.command == "nbd-server-stop":
+            self.server_started = False
         elif step.command == "object-add":
             self.objects_added.append(step.args["id"])
+        elif step.command == "object-del" and step.args["id"] in self.objects_added:
+            self.objects_added.remove(step.args["id"])
 
     def _create_file(self, path: str, disk: str) -> None:
         try:
@@ -317,6 +368,16 @@ class BackupJob:
             ) from None
         os.close(fd)
         self.created_files.append(path)
+
+    def _chmod(self, path: str, mode: int) -> None:
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise VirError(
+                ErrorNumber.SYSTEM_ERROR,
+                ErrorDomain.QEMU,
+                f"cannot set mode {mode:o} on NBD socket '{path}': {exc.strerror}",
+            ) from None
 
     def _disk_of(self, path: str) -> str:
         for d in self.plan.disks:
@@ -509,6 +570,8 @@ class BackupJob:
             keep = self.mode == "push" and d.state == COMPLETE
             if dp.path in self.created_files and not keep:
                 self._remove_file(dp.path)
+        if self.listener is not None:
+            self.listener.cleanup()
         self.finished_elapsed = self.elapsed_ms()
         current = sum(d.current for d in self.disks.values())
         total = sum(d.total for d in self.disks.values())
@@ -556,6 +619,11 @@ class BackupJob:
     async def abort(self, *, wait: bool = True, timeout: float = 120.0) -> None:
         """Cancel every running disk job; with ``wait``, return once all is cleaned up."""
         self.cancel_requested = True
+        if self.mode == "pull" and self.mon.connected:
+            # clients go first: once a fleecing job is cancelled its scratch node
+            # reads through to the live disk, and a client still reading would get
+            # a mix of then and now
+            await self._stop_exports()
         running = [jid for jid, d in self.disks.items() if d.state == RUNNING]
         if not running and not self.done.is_set():
             await self._terminate()

@@ -28,7 +28,7 @@ class Tuning:
     is the target node's zero detection (off, on, unmap).
 
     The default of 8 workers is measured (benchmarks/bench.py --only tuning): QEMU's
-    own 64 workers × 1 MiB buffers grow QEMU by ~64 MiB per disk during a push and
+    own 64 workers x 1 MiB buffers grow QEMU by ~64 MiB per disk during a push and
     are no faster; 8 grow it by ~8 MiB.
     """
 
@@ -56,18 +56,22 @@ class Tuning:
 
 @dataclass
 class Step:
-    """One thing to do: a QMP command, a QMP job (wait + dismiss), or a local file action.
+    """One thing to do: a QMP command, a QMP job (wait + dismiss), handing QEMU a
+    descriptor (``pass-fd``: the listening socket, then ``getfd``), or a local file
+    action.
 
     ``undo`` runs, in reverse order, when a later step fails before the backup starts.
+    ``ignore_errors`` is for undo steps whose object may already be gone.
     """
 
-    kind: str  # "qmp", "qmp-job", "create-file", "remove-file"
+    kind: str  # "qmp", "qmp-job", "pass-fd", "create-file", "remove-file", "chmod"
     command: str
     args: dict[str, Any] = field(default_factory=dict)
     undo: list[Step] = field(default_factory=list)
+    ignore_errors: bool = False
 
     def describe(self) -> dict[str, Any]:
-        if self.kind in ("qmp", "qmp-job"):
+        if self.kind in ("qmp", "qmp-job", "pass-fd"):
             return {"execute": self.command, "arguments": self.args}
         return {"local": self.command, **self.args}
 
@@ -108,15 +112,15 @@ class Plan:
     disks: list[DiskPlan]
     checkpoint_actions: list[dict[str, Any]] = field(default_factory=list)
     tuning: Tuning = field(default_factory=Tuning)
-    prepare: list[Step] = field(default_factory=list)  # in order, before the stores
     stores: list[list[Step]] = field(default_factory=list)  # one lane per disk, run side by side
+    prepare: list[Step] = field(default_factory=list)  # then these, in order (TLS, NBD server)
     transaction: list[dict[str, Any]] = field(default_factory=list)
     after: list[Step] = field(default_factory=list)  # steps after the transaction
 
     def describe(self) -> list[dict[str, Any]]:
         """The commands in the order they will run, for a dry run."""
-        out = [s.describe() for s in self.prepare]
-        out += [s.describe() for lane in self.stores for s in lane]
+        out = [s.describe() for lane in self.stores for s in lane]
+        out += [s.describe() for s in self.prepare]
         out.append({"execute": "transaction", "arguments": {"actions": self.transaction}})
         out += [s.describe() for s in self.after]
         return out

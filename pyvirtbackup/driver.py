@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import Checkpoint, CheckpointTree
-from .conf import BackupDef, CheckpointDef, DomainDisk
+from .conf import BackupDef, BackupServer, CheckpointDef, DomainDisk
 from .conf.checkpoint import BITMAP, disk_by_name
 from .enums import (
     AbortJobFlags,
@@ -30,15 +30,17 @@ from .enums import (
     CheckpointDeleteFlags,
     CheckpointListFlags,
     CheckpointXMLFlags,
+    ConnectListAllDomainsFlags,
     DomainEventID,
     JobStatsFlags,
     JobType,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .events import EventRegistry
-from .qemu import blockgraph, checkpoint_ops
+from .qemu import blockgraph, checkpoint_ops, listen, nbd
 from .qemu.blockgraph import Disk
 from .qemu.job import BackupJob, Callbacks, JobResult
+from .qemu.listen import Listener
 from .qemu.monitor import Address, Monitor
 from .qemu.plan import (
     DiskPlan,
@@ -54,14 +56,19 @@ from .state import State, check_component
 log = logging.getLogger(__name__)
 
 DEFAULT_TLS_DIR = "/etc/pki/pyvirtbackup"
+# a picked port can be taken between our check and QEMU's bind only when QEMU binds
+# it itself (a monitor over TCP cannot take our socket); then begin tries again
+PORT_PICK_ATTEMPTS = 3
 
 
 def _check_flags(flags: int, allowed: int, function: str) -> None:
-    if flags & ~allowed:
+    # int(): the complement of an IntFlag stays inside the flag's own bits
+    extra = int(flags) & ~int(allowed)
+    if extra:
         raise VirError(
             ErrorNumber.INVALID_ARG,
             ErrorDomain.NONE,
-            f"unsupported flags (0x{flags & ~allowed:x}) in function {function}",
+            f"unsupported flags (0x{extra:x}) in function {function}",
         )
 
 
@@ -118,6 +125,19 @@ def _address_record(qmp: Address) -> Any:
 
 
 @dataclass
+class _Prepared:
+    """A begin that has been checked and planned but has changed nothing yet."""
+
+    bdef: BackupDef
+    plan: Plan
+    reuse: bool
+    tuning: Tuning
+    tls: nbd.TlsCreds | None
+    chk: CheckpointDef | None = None  # created in the backup's transaction
+    targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
+
+
+@dataclass
 class Domain:
     """A running QEMU that pyvirtbackup is attached to (libvirt's virDomain)."""
 
@@ -135,6 +155,8 @@ class Domain:
     checkpoints: CheckpointTree = field(default_factory=CheckpointTree, repr=False)
     # held by whatever changes checkpoints (their bitmaps or their tree)
     checkpoint_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # what taking over an earlier process's backup found not matching QEMU
+    recovery_problems: list[str] = field(default_factory=list, repr=False)
 
     def UUIDString(self) -> str:
         return self.uuid
@@ -153,6 +175,12 @@ class Driver:
     /var/lib/pyvirtbackup as root, else $XDG_STATE_HOME/pyvirtbackup).
     ``tuning`` sets how QEMU copies (see ``qemu.plan.Tuning``); each begin may
     override it.
+
+    Pull backups: ``tls_x509_cert_dir`` holds the NBD server's certificates
+    (ca-cert.pem, server-cert.pem, server-key.pem, as libvirt's
+    backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
+    makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
+    mode of a ``transport='unix'`` socket (owner-only by default).
     """
 
     def __init__(
@@ -163,10 +191,12 @@ class Driver:
         tls_x509_verify: bool = True,
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
+        nbd_socket_mode: int = 0o600,
     ) -> None:
         self.state = State(state_dir)
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
+        self.nbd_socket_mode = nbd_socket_mode
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}
@@ -214,6 +244,11 @@ class Driver:
         dom.completed = dstate.read_completed()
         dom.checkpoints = CheckpointTree.load(dstate)
         self.domains[name] = dom
+        try:
+            await self._recover_job(dom)
+        except BaseException:
+            await self.detach(dom)
+            raise
         return dom
 
     async def _qemu_uuid(self, mon: Monitor) -> str:
@@ -255,6 +290,93 @@ class Driver:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    async def connectListAllDomains(self, flags: int = 0) -> list[Domain]:
+        """Every domain recorded in the state directory, attached on the way.
+
+        A domain whose QEMU cannot be reached is listed as inactive (its monitor is
+        not connected), as libvirt lists a persistent domain that is shut off.
+        HAS_CHECKPOINT / NO_CHECKPOINT look at checkpoint metadata, which does not
+        need QEMU. Domains are never transient, autostarted or managed-saved here.
+        """
+        F = ConnectListAllDomainsFlags
+        _check_flags(flags, sum(F), "connectListAllDomains")
+        out: list[Domain] = []
+        for name in self.state.domain_names():
+            dom = self.domains.get(name)
+            if dom is None or not dom.monitor.connected:
+                dom = await self._attach_recorded(name)
+            if self._domain_matches(dom, F(flags)):
+                out.append(dom)
+        return out
+
+    async def _attach_recorded(self, name: str) -> Domain:
+        record = self.state.domain(name).read_record() or {}
+        qmp = record.get("qmp")
+        address: Address = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
+        try:
+            return await self.attach(name, address, record.get("disks"))
+        except VirError as exc:
+            log.info("domain %s is not reachable: %s", name, exc)
+        dom = Domain(name, record.get("uuid", ""), address, Monitor(f"pyvirtbackup-{name}"))
+        dom.completed = self.state.domain(name).read_completed()
+        # metadata-only checkpoint calls (list, dumpxml, REDEFINE) need no QEMU
+        dom.checkpoints = CheckpointTree.load(self.state.domain(name))
+        self.domains[name] = dom
+        return dom
+
+    def _domain_matches(self, dom: Domain, flags: ConnectListAllDomainsFlags) -> bool:
+        F = ConnectListAllDomainsFlags
+        active = dom.monitor.connected
+        has_chk = bool(self.state.domain(dom.name).checkpoint_names())
+
+        def pair(yes: F, no: F, value: bool) -> bool:
+            if flags & (yes | no) in (0, yes | no):
+                return True
+            return value if flags & yes else not value
+
+        return (
+            pair(F.ACTIVE, F.INACTIVE, active)
+            and pair(F.PERSISTENT, F.TRANSIENT, True)
+            and pair(F.HAS_CHECKPOINT, F.NO_CHECKPOINT, has_chk)
+            and pair(F.HAS_SNAPSHOT, F.NO_SNAPSHOT, False)
+            and pair(F.MANAGEDSAVE, F.NO_MANAGEDSAVE, False)
+            and pair(F.AUTOSTART, F.NO_AUTOSTART, False)
+            and (
+                not flags & (F.RUNNING | F.PAUSED | F.SHUTOFF | F.OTHER)
+                or (bool(flags & (F.RUNNING | F.PAUSED | F.OTHER)) and active)
+                or (bool(flags & F.SHUTOFF) and not active)
+            )
+        )
+
+    async def domain_state(self, dom: Domain) -> str:
+        """QEMU's run state ('running', 'paused', 'prelaunch'...) or 'shut off'."""
+        if not dom.monitor.connected:
+            return "shut off"
+        try:
+            return (await dom.monitor.execute("query-status")).get("status", "unknown")
+        except VirError:
+            return "shut off"
+
+    async def forget(self, name: str) -> None:
+        """Drop a domain's record (the CLI's detach). Refused while a backup is recorded."""
+        dstate = self.state.domain(name)
+        if not dstate.exists():
+            raise VirError(
+                ErrorNumber.NO_DOMAIN,
+                ErrorDomain.DOMAIN,
+                f"Domain not found: no domain with matching name '{name}'",
+            )
+        if dstate.read_job() is not None:
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.DOMAIN,
+                f"domain '{name}' has a backup job recorded; end it with domjobabort first",
+            )
+        dom = self.domains.get(name)
+        if dom is not None:
+            await self.detach(dom)
+        dstate.delete_record()
+
     def _check_domain(self, dom: Domain) -> Domain:
         if not isinstance(dom, Domain) or self.domains.get(dom.name) is not dom:
             raise VirError(
@@ -289,12 +411,7 @@ class Driver:
         With ``checkpoint_xml`` the checkpoint's bitmaps are added in the backup's
         own transaction, so the checkpoint and the backup are the same instant.
         """
-        _check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
-        self._check_domain(dom)
-        reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
-        bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
-        chk = CheckpointDef.from_xml(checkpoint_xml) if checkpoint_xml is not None else None
-        self._check_running(dom, "perform disk backup")
+        self._check_begin_args(dom, flags)
         if dom.job is not None or dom.begin_lock.locked():
             raise VirError(
                 ErrorNumber.OPERATION_INVALID,
@@ -302,35 +419,186 @@ class Driver:
                 f"another backup job is already running on domain '{dom.name}'",
             )
         async with dom.begin_lock, dom.checkpoint_lock:
-            job_tuning = self.tuning.merged(tuning)
-            await self.refresh_disks(dom)
-            # libvirt names generated targets after the checkpoint made with them
-            suffix = chk.name if chk is not None else str(int(time.time()))
-            bdef.align_disks(self._domain_disks(dom), suffix=suffix)
-            targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
-            self._check_incremental_sources(dom, bdef)
-            plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets)
-            job = BackupJob(dom.monitor, plan)
-            job.callbacks = Callbacks(
-                changed=lambda: self._save_job(dom),
-                disk_done=lambda dp, status: self._disk_done(dom, dp, status),
-                finished=lambda result: self._job_finished(dom, job, result),
-            )
-            dom.job, dom.job_def = job, bdef
+            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
             try:
-                await job.start()
+                job = await self._start_prepared(dom, prep)
             except BaseException:
-                if dom.job is job:
-                    dom.job = dom.job_def = None
-                if chk is not None:  # the transaction may have run before the failure
-                    await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets)
+                if prep.chk is not None:  # the transaction may have run before the failure
+                    await checkpoint_ops.remove_new(dom.monitor, str(prep.chk.name), prep.targets)
                 raise
-            if chk is not None:
-                await self._record_begin_checkpoint(dom, job, chk, targets)
-            if job.done.is_set():  # every disk finished before we got here
-                return 0
+            if prep.chk is not None:
+                await self._record_begin_checkpoint(dom, job, prep.chk, prep.targets)
             self._save_job(dom)
         return 0
+
+    async def backup_dry_run(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None = None,
+        flags: int = 0,
+        *,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The commands domainBackupBegin would run, in order; nothing is changed.
+
+        Only queries reach QEMU and no socket is bound (a port still to be picked
+        shows as 0). Every check begin makes before touching anything is made here
+        too, so a dry run that succeeds means begin would get that far.
+        """
+        self._check_begin_args(dom, flags)
+        async with dom.checkpoint_lock:
+            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+        if prep.bdef.is_pull:
+            self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls, bind=False)
+        return prep.plan.describe()
+
+    def _check_begin_args(self, dom: Domain, flags: int) -> None:
+        _check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        self._check_domain(dom)
+
+    async def _prepare_backup(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None,
+        flags: int,
+        tuning: Tuning | Mapping[str, Any] | None,
+    ) -> _Prepared:
+        """Parse, align and plan: everything of begin that changes nothing."""
+        reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
+        bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
+        chk = CheckpointDef.from_xml(checkpoint_xml) if checkpoint_xml is not None else None
+        self._check_running(dom, "perform disk backup")
+        job_tuning = self.tuning.merged(tuning)
+        await self.refresh_disks(dom)
+        # libvirt names generated targets after the checkpoint made with them
+        suffix = chk.name if chk is not None else str(int(time.time()))
+        bdef.align_disks(self._domain_disks(dom), suffix=suffix)
+        targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
+        self._check_incremental_sources(dom, bdef)
+        tls = self._pull_prepare(bdef) if bdef.is_pull else None
+        plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets)
+        return _Prepared(bdef, plan, reuse, job_tuning, tls, chk, targets)
+
+    async def _start_prepared(self, dom: Domain, prep: _Prepared) -> BackupJob:
+        """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
+        server = prep.bdef.server
+        pick_port = prep.bdef.is_pull and server is not None and server.port is None
+        attempt = 1
+        while True:
+            listener = (
+                self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls) if prep.bdef.is_pull else None
+            )
+            try:
+                return await self._start_job(dom, prep.bdef, prep.plan, listener)
+            except VirError as exc:
+                retry = (
+                    pick_port
+                    and not dom.monitor.can_pass_fds
+                    and "Address already in use" in exc.message
+                    and attempt < PORT_PICK_ATTEMPTS
+                )
+                if not retry:
+                    raise
+                log.info("picked NBD port was taken meanwhile; trying another: %s", exc)
+                attempt += 1
+                assert server is not None
+                server.port = None
+                prep.plan = await self._plan(
+                    dom, prep.bdef, prep.reuse, prep.tuning, prep.chk, prep.targets
+                )
+
+    async def _start_job(
+        self, dom: Domain, bdef: BackupDef, plan: Plan, listener: Listener | None
+    ) -> BackupJob:
+        job = BackupJob(dom.monitor, plan, listener=listener)
+        job.callbacks = self._job_callbacks(dom, job)
+        dom.job, dom.job_def = job, bdef
+        try:
+            await job.start()
+        except BaseException:
+            if dom.job is job:
+                dom.job = dom.job_def = None
+            raise
+        return job
+
+    def _pull_prepare(self, bdef: BackupDef) -> nbd.TlsCreds | None:
+        """Pull checks that need no QEMU: where to listen, and the TLS files.
+
+        libvirt refuses tcp without a port; we pick a free one instead (and
+        GetXMLDesc shows it). Certificates are checked here, before any scratch
+        image exists, where libvirt 9.0 finds a missing one only inside QEMU.
+        """
+        if bdef.server is None:
+            bdef.server = BackupServer(transport="tcp", name="localhost")
+        server = bdef.server
+        if server.transport not in ("tcp", "unix"):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"transport '{server.transport}' for <server> is not supported; "
+                "use transport='tcp' or transport='unix'",
+            )
+        if not server.tls:
+            return None
+        nbd.check_tls_dir(self.tls_x509_cert_dir)
+        bdef.tls_alias = nbd.TLS_ALIAS
+        return nbd.TlsCreds(self.tls_x509_cert_dir, self.tls_x509_verify, nbd.TLS_ALIAS)
+
+    def _nbd_listen(
+        self,
+        dom: Domain,
+        bdef: BackupDef,
+        plan: Plan,
+        tls: nbd.TlsCreds | None,
+        *,
+        bind: bool = True,
+    ) -> Listener:
+        """Bind the NBD server's socket and add the server and export steps.
+
+        Over a unix monitor we bind the socket and hand it to QEMU (race-free
+        port, owner-only unix socket); over a TCP monitor QEMU binds it and we
+        narrow a unix socket's mode before any export exists.
+        """
+        server = bdef.server
+        assert server is not None
+        nbd.check_export_names(plan)
+        if not bind:  # a dry run: the same steps, no socket
+            if dom.monitor.can_pass_fds:
+                address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+            elif server.transport == "unix":
+                address = nbd.unix_address(server.socket or "")
+            else:
+                address = nbd.inet_address(server.name or "", server.port or 0)
+            nbd.add_pull_steps(plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds)
+            return Listener(
+                server.transport, host=server.name, port=server.port, path=server.socket
+            )
+        if dom.monitor.can_pass_fds:
+            if server.transport == "unix":
+                assert server.socket is not None
+                listener = listen.listen_unix(server.socket, self.nbd_socket_mode)
+            else:
+                assert server.name is not None
+                listener = listen.listen_tcp(server.name, server.port)
+                server.port = listener.port
+            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
+            return listener
+        if server.transport == "unix":
+            assert server.socket is not None
+            listen.check_unix_path(server.socket)
+            nbd.add_pull_steps(
+                plan,
+                nbd.unix_address(server.socket),
+                tls=tls,
+                chmod=(server.socket, self.nbd_socket_mode),
+            )
+            return Listener("unix", path=server.socket)
+        assert server.name is not None
+        server.port = server.port or listen.pick_tcp_port(server.name)
+        nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
+        return Listener("tcp", host=server.name, port=server.port)
 
     async def _record_begin_checkpoint(
         self, dom: Domain, job: BackupJob, chk: CheckpointDef, targets: list[Any]
@@ -447,10 +715,14 @@ class Driver:
         )
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
-            d.index = by_name[d.name].store_id
+            dp = by_name[d.name]
+            d.index = dp.store_id
+            if bdef.is_pull:  # GetXMLDesc shows the names clients ask for
+                d.exportname, d.exportbitmap = dp.export_name, dp.export_bitmap
         return plan
 
     def _save_job(self, dom: Domain) -> None:
+        """Record the running job (status XML + what we created) for a later process."""
         job, bdef = dom.job, dom.job_def
         if job is None or bdef is None or job.done.is_set():
             return
@@ -459,20 +731,43 @@ class Driver:
         for d in status.disks:
             if d.backup:
                 d.state = states.get(d.name) or "running"
-        resources = {
-            "mode": job.mode,
-            "started": job.started_wall,
-            "disks": [dp.__dict__ for dp in job.plan.disks],
-            "created_files": list(job.created_files),
-            "exports": list(job.exports_added),
-            "nbd_server": job.server_started,
-            "objects": list(job.objects_added),
-            "cancel_requested": job.cancel_requested,
-        }
         try:
-            self.state.domain(dom.name).write_job(status.to_xml(internal=True), resources)
-        except VirError as exc:  # the job goes on; reattach will lack its record
+            self.state.domain(dom.name).write_job(status.to_xml(internal=True), job.snapshot())
+        except VirError as exc:  # the job goes on; a later process will lack its record
             log.error("cannot record the running backup of %s: %s", dom.name, exc)
+
+    def _job_callbacks(self, dom: Domain, job: BackupJob) -> Callbacks:
+        return Callbacks(
+            changed=lambda: self._save_job(dom),
+            disk_done=lambda dp, status: self._disk_done(dom, dp, status),
+            finished=lambda result: self._job_finished(dom, job, result),
+        )
+
+    async def _recover_job(self, dom: Domain) -> None:
+        """Take over a backup that an earlier process started (libvirt keeps it in its
+        status XML across a libvirtd restart; so do we, in the state directory)."""
+        dstate = self.state.domain(dom.name)
+        record = dstate.read_job()
+        if record is None:
+            return
+        xml, resources = record
+        try:
+            bdef = BackupDef.from_xml(xml, internal=True)
+            job = BackupJob.restore(dom.monitor, resources)
+        except (VirError, KeyError, TypeError, ValueError) as exc:
+            log.error(
+                "the recorded backup of %s is unreadable (%s); it is set aside", dom.name, exc
+            )
+            dstate.set_aside_job()
+            dom.recovery_problems.append(f"unreadable backup record set aside: {exc}")
+            return
+        job.callbacks = self._job_callbacks(dom, job)
+        dom.job, dom.job_def = job, bdef
+        problems = await job.resume()
+        for problem in problems:
+            log.warning("domain %s: %s", dom.name, problem)
+        dom.recovery_problems += problems
+        self._save_job(dom)
 
     def _disk_done(self, dom: Domain, dp: DiskPlan, status: BlockJobStatus) -> None:
         kind = int(BlockJobType.BACKUP)

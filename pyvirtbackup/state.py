@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,14 @@ class DomainState:
         if xml is None or res is None:
             return None
         return xml, res
+
+    def set_aside_job(self) -> None:
+        """Keep an unreadable job record for a human, under a name we never read again."""
+        stamp = str(int(time.time()))
+        for rel in ("backup.xml", "backup.json"):
+            src = self.dir / rel
+            if src.exists():
+                os.replace(src, self.dir / f"{rel}.unreadable-{stamp}")
 
     def delete_job(self) -> None:
         self._delete("backup.xml")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from pyvirtbackup import Driver
 from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.monitor import Monitor
 from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
@@ -99,6 +100,7 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
         fill: Sequence[tuple[int, int, int]] = DEFAULT_FILL,
         existing: dict[str, TestDisk] | None = None,
         subdir: str = "images",
+        extra_args: Sequence[str] = (),
     ) -> VM:
         workdir = tmp_path / subdir
         workdir.mkdir(exist_ok=True)
@@ -114,7 +116,8 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
             [
                 DiskSpec(d.name, d.path, d.format, d.bus, d.readonly, d.backing)
                 for d in test_disks.values()
-            ]
+            ],
+            extra_args=list(extra_args),
         )
         await proc.start()
         mon = Monitor("test-orchestrator")
@@ -134,6 +137,14 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
         assert vm.proc.proc is None or vm.proc.proc.returncode is not None
 
 
+@pytest_asyncio.fixture
+async def driver(tmp_path: Path) -> AsyncIterator[Driver]:
+    """A Driver with its own state directory, closed after the test."""
+    drv = Driver(state_dir=tmp_path / "state")
+    yield drv
+    await drv.close()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_qemu_left_behind() -> object:
     """Every QEMU a test started must be gone when the session ends."""
@@ -144,12 +155,19 @@ def _no_qemu_left_behind() -> object:
 
 
 def _our_qemus() -> set[int]:
+    """QEMUs this pytest started: its children, so that other test runs on the same
+    machine (another checkout, a demo) are not taken for our leftovers."""
+    me = os.getpid()
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"pyvirtbackup-qemu-" in cmdline and b"qemu-system" in cmdline:
+            if b"pyvirtbackup-qemu-" not in cmdline or b"qemu-system" not in cmdline:
+                continue
+            # the parent pid is the 2nd field after the parenthesised command name
+            stat_fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat_fields[1]) == me:
                 pids.add(int(entry))
     return pids

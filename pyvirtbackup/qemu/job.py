@@ -17,11 +17,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..enums import BlockJobStatus, JobOperation, JobType
 from ..errors import ErrorDomain, ErrorNumber, VirError
+from .listen import Listener
 from .monitor import Monitor
 from .plan import DiskPlan, Plan, Step
 
@@ -73,9 +74,17 @@ def _exists_error(path: str, disk: str) -> VirError:
 class BackupJob:
     """One backup of one domain, from begin to the last cleanup."""
 
-    def __init__(self, mon: Monitor, plan: Plan, callbacks: Callbacks | None = None) -> None:
+    def __init__(
+        self,
+        mon: Monitor,
+        plan: Plan,
+        callbacks: Callbacks | None = None,
+        *,
+        listener: Listener | None = None,
+    ) -> None:
         self.mon = mon
         self.plan = plan
+        self.listener = listener  # the NBD server's socket, which the job cleans up
         self.callbacks = callbacks or Callbacks()
         self.disks = {dp.job_id: DiskRuntime(dp) for dp in plan.disks}
         self.started_wall = time.time()
@@ -95,6 +104,7 @@ class BackupJob:
         self._worker: asyncio.Task[None] | None = None
         self._terminating = False
         self._export_deleted: dict[str, asyncio.Event] = {}
+        self._lost: set[str] = set()
 
     # timing and stats -----------------------------------------------------------
 
@@ -157,12 +167,28 @@ class BackupJob:
         self._handler = self.mon.add_event_handler(self._on_event)
         undo: list[Step] = []
         try:
-            for step in self.plan.prepare:
-                await self._run(step)
-                undo += step.undo
+            # each disk's store is made in its own lane: QEMU answers them in turn,
+            # but their round trips overlap, which is most of a many-disk begin
+            lanes: list[list[Step]] = [[] for _ in self.plan.stores]
+            results = await asyncio.gather(
+                *(
+                    self._run_lane(steps, out)
+                    for steps, out in zip(self.plan.stores, lanes, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            for out in lanes:
+                undo += out
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if failures:
+                raise failures[0]
+            # then, in libvirt's order, the monitor prologue: TLS object, NBD server
+            await self._run_lane(self.plan.prepare, undo)
             await self.mon.transaction(self.plan.transaction)
         except BaseException:
             await self._rollback(undo)
+            if self.listener is not None:
+                self.listener.cleanup()
             self.mon.remove_event_handler(self._handler)
             self._handler = None
             raise
@@ -179,16 +205,141 @@ class BackupJob:
             raise
         await self._changed()
 
+    # a record that outlives the process, and taking a job over from it -------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a later process needs to take this job over (or clean up after it)."""
+        return {
+            "version": 1,
+            "mode": self.mode,
+            "started": self.started_wall,
+            "disks": [
+                {
+                    "plan": asdict(d.plan),
+                    "state": d.state,
+                    "current": d.current,
+                    "total": d.total,
+                    "error": d.error,
+                }
+                for d in self.disks.values()
+            ],
+            "created_files": list(self.created_files),
+            "exports": list(self.exports_added),
+            "nbd_server": self.server_started,
+            "objects": list(self.objects_added),
+            "cancel_requested": self.cancel_requested,
+            "first_error": self.first_error,
+            "nbd_listener": (
+                {
+                    "transport": self.listener.transport,
+                    "host": self.listener.host,
+                    "port": self.listener.port,
+                    "path": self.listener.path,
+                    "ident": list(self.listener.ident) if self.listener.ident else None,
+                }
+                if self.listener is not None
+                else None
+            ),
+        }
+
+    @classmethod
+    def restore(
+        cls, mon: Monitor, record: dict[str, Any], callbacks: Callbacks | None = None
+    ) -> BackupJob:
+        """Rebuild a job from ``snapshot()``; ``resume()`` then reconciles it with QEMU."""
+        plans = [DiskPlan(**d["plan"]) for d in record["disks"]]
+        job = cls(mon, Plan(mode=record["mode"], disks=plans), callbacks)
+        for d in record["disks"]:
+            rt = job.disks[d["plan"]["job_id"]]
+            rt.state, rt.current, rt.total, rt.error = (
+                d.get("state") or RUNNING,
+                d.get("current", 0),
+                d.get("total", 0),
+                d.get("error"),
+            )
+        job.started_wall = float(record.get("started", time.time()))
+        job._started = time.monotonic() - max(time.time() - job.started_wall, 0.0)
+        job.created_files = list(record.get("created_files", []))
+        job.exports_added = list(record.get("exports", []))
+        job.server_started = bool(record.get("nbd_server"))
+        job.objects_added = list(record.get("objects", []))
+        job.cancel_requested = bool(record.get("cancel_requested"))
+        job.first_error = record.get("first_error")
+        lrec = record.get("nbd_listener")
+        if lrec:
+            ident = tuple(lrec["ident"]) if lrec.get("ident") else None
+            job.listener = Listener(
+                lrec["transport"],
+                host=lrec.get("host"),
+                port=lrec.get("port"),
+                path=lrec.get("path"),
+                ident=ident,  # type: ignore[arg-type]
+            )
+        return job
+
+    async def resume(self) -> list[str]:
+        """Take over in QEMU: follow jobs still running, finish those that ended unseen.
+
+        Returns what did not match QEMU (jobs that vanished), for the caller to report.
+        A vanished job's disk is failed and its leftovers cleaned, never dropped silently.
+        """
+        self._handler = self.mon.add_event_handler(self._on_event)
+        self.mon.on_disconnect(self._on_disconnect)
+        jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
+        problems: list[str] = []
+        ended: list[str] = []
+        for jid, d in self.disks.items():
+            if d.state not in (RUNNING, CANCELLING):
+                continue
+            qjob = jobs.get(jid)
+            if qjob is None:
+                problems.append(
+                    f"backup job '{jid}' of disk '{d.plan.disk}' is gone from QEMU "
+                    "(QEMU restarted, or someone dismissed it)"
+                )
+                self._lost.add(jid)
+                ended.append(jid)
+            elif qjob.get("status") in ("concluded", "null"):
+                ended.append(jid)
+        # finish what ended unseen now, so the caller sees the outcome on return
+        for jid in ended:
+            await self._disk_concluded(jid)
+        self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
+        if not any(d.state in (RUNNING, CANCELLING) for d in self.disks.values()):
+            await self._terminate()
+        return problems
+
+    async def _run_lane(self, steps: list[Step], undo: list[Step]) -> None:
+        """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
+        for step in steps:
+            await self._run(step)
+            # a step that already undid something (the mkfs node's delete) retires its undo
+            undo[:] = [u for u in undo if u.describe() != step.describe()] + step.undo
+
     async def _run(self, step: Step) -> None:
         if step.kind == "create-file":
             self._create_file(step.args["path"], step.args.get("disk", ""))
         elif step.kind == "remove-file":
             self._remove_file(step.args["path"])
         elif step.kind == "qmp":
-            await self.mon.execute(step.command, step.args)
+            try:
+                await self.mon.execute(step.command, step.args)
+            except VirError:
+                if step.ignore_errors:
+                    return
+                raise
             self._note_resource(step)
         elif step.kind == "qmp-job":
             await self._run_qmp_job(step)
+        elif step.kind == "pass-fd":
+            if self.listener is None:  # pragma: no cover - a driver bug
+                raise AssertionError("a pass-fd step needs the job's listener")
+            await self.mon.pass_fd(self.listener.fileno(), step.args["fdname"])
+            # QEMU holds its own copy now; ours would keep accepting connections
+            # after QEMU's server stopped
+            self.listener.release()
+        elif step.kind == "chmod":
+            self._chmod(step.args["path"], step.args["mode"])
         else:  # pragma: no cover - a planner bug
             raise AssertionError(f"unknown step kind {step.kind}")
 
@@ -197,8 +348,12 @@ class BackupJob:
             self.exports_added.append(step.args["id"])
         elif step.command == "nbd-server-start":
             self.server_started = True
+        elif step.command == "nbd-server-stop":
+            self.server_started = False
         elif step.command == "object-add":
             self.objects_added.append(step.args["id"])
+        elif step.command == "object-del" and step.args["id"] in self.objects_added:
+            self.objects_added.remove(step.args["id"])
 
     def _create_file(self, path: str, disk: str) -> None:
         try:
@@ -213,6 +368,16 @@ class BackupJob:
             ) from None
         os.close(fd)
         self.created_files.append(path)
+
+    def _chmod(self, path: str, mode: int) -> None:
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise VirError(
+                ErrorNumber.SYSTEM_ERROR,
+                ErrorDomain.QEMU,
+                f"cannot set mode {mode:o} on NBD socket '{path}': {exc.strerror}",
+            ) from None
 
     def _disk_of(self, path: str) -> str:
         for d in self.plan.disks:
@@ -308,12 +473,15 @@ class BackupJob:
         if d.state not in (RUNNING, CANCELLING):
             return
         info: dict[str, Any] = {}
-        with contextlib.suppress(VirError):
-            for j in await self.mon.execute("query-jobs"):
-                if j.get("id") == jid:
-                    info = j
-        with contextlib.suppress(VirError):
-            await self.mon.execute("job-dismiss", {"id": jid})
+        if jid in self._lost:
+            info = {"error": "the backup job vanished from QEMU while no driver followed it"}
+        else:
+            with contextlib.suppress(VirError):
+                for j in await self.mon.execute("query-jobs"):
+                    if j.get("id") == jid:
+                        info = j
+            with contextlib.suppress(VirError):
+                await self.mon.execute("job-dismiss", {"id": jid})
         d.current = int(info.get("current-progress", d.current))
         d.total = int(info.get("total-progress", d.total))
         error = info.get("error")
@@ -402,6 +570,8 @@ class BackupJob:
             keep = self.mode == "push" and d.state == COMPLETE
             if dp.path in self.created_files and not keep:
                 self._remove_file(dp.path)
+        if self.listener is not None:
+            self.listener.cleanup()
         self.finished_elapsed = self.elapsed_ms()
         current = sum(d.current for d in self.disks.values())
         total = sum(d.total for d in self.disks.values())
@@ -449,6 +619,11 @@ class BackupJob:
     async def abort(self, *, wait: bool = True, timeout: float = 120.0) -> None:
         """Cancel every running disk job; with ``wait``, return once all is cleaned up."""
         self.cancel_requested = True
+        if self.mode == "pull" and self.mon.connected:
+            # clients go first: once a fleecing job is cancelled its scratch node
+            # reads through to the live disk, and a client still reading would get
+            # a mix of then and now
+            await self._stop_exports()
         running = [jid for jid, d in self.disks.items() if d.state == RUNNING]
         if not running and not self.done.is_set():
             await self._terminate()

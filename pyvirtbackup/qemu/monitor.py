@@ -10,10 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    QMPError,
+)
 from qemu.qmp.protocol import Runstate, StateError
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
@@ -69,6 +77,8 @@ class Monitor:
         self.disconnected = asyncio.Event()
         self._hmp_qdev: dict[str, str] = {}
         self._reap_lock = asyncio.Lock()
+        self.commands_sent = 0  # QMP round trips, for benchmarks
+        self._fd_lock = asyncio.Lock()
 
     # connection -------------------------------------------------------------
 
@@ -154,8 +164,12 @@ class Monitor:
     ) -> Any:
         if self.disconnected.is_set() or self._client.runstate != Runstate.RUNNING:
             raise _not_running(f"no connection to its monitor for '{command}'")
+        started = time.monotonic()
+        self.commands_sent += 1
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            result = await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            log.debug("%s took %.1f ms", command, (time.monotonic() - started) * 1000)
+            return result
         except ExecuteError as exc:
             raise QMPCommandError(command, exc.error_class, str(exc)) from None
         except TimeoutError:
@@ -174,6 +188,30 @@ class Monitor:
         if properties:
             args["properties"] = properties
         await self.execute("transaction", args)
+
+    @property
+    def can_pass_fds(self) -> bool:
+        """Descriptors travel only over a unix socket (SCM_RIGHTS)."""
+        return isinstance(self.address, str)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU its own copy of ``fd`` under ``name`` (``getfd``).
+
+        QEMU attaches a received descriptor to the next ``getfd`` on this
+        connection, so two hand-overs must not interleave.
+        """
+        async with self._fd_lock:
+            if not self.connected:
+                raise _not_running(f"no connection to its monitor for 'getfd {name}'")
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise VirError(
+                    ErrorNumber.OPERATION_FAILED,
+                    ErrorDomain.QEMU,
+                    f"cannot pass descriptor '{name}' to QEMU: {exc}",
+                ) from None
+            await self.execute("getfd", {"fdname": name})
 
     async def hmp(self, command_line: str) -> str:
         return await self.execute("human-monitor-command", {"command-line": command_line})

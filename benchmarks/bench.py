@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""pyvirtbackup's benchmark: every row a ratio measured side by side in the same run.
+
+It makes its own images and throwaway QEMUs, repeats each measurement, and prints
+medians with their spread. Baselines are QEMU's own tools run on the same image in
+the same run (`qemu-img convert -t writeback`, local reads), so the ratios hold on
+any machine even when absolute numbers do not.
+
+    python benchmarks/bench.py [--repeat 5] [--only push,sparse,...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyvirtbackup import DomainEventID, Driver, JobStatsFlags, Tuning
+from pyvirtbackup.qemu import imgtools
+from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+# --------------------------------------------------------------------- reporting
+
+
+@dataclass
+class Row:
+    """One line of the table: our numbers, the baseline's, and what the goal was."""
+
+    name: str
+    ours: list[float]
+    base: list[float] | None = None
+    unit: str = "s"
+    goal: str = ""
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ours)
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.base:
+            return None
+        return self.median / statistics.median(self.base)
+
+    def spread(self) -> str:
+        lo, hi = min(self.ours), max(self.ours)
+        return f"{fmt(lo, self.unit)}–{fmt(hi, self.unit)}"
+
+
+def fmt(value: float, unit: str) -> str:
+    if unit == "s":
+        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+    if unit == "MiB":
+        return f"{value:.1f} MiB"
+    if unit == "x":
+        return f"{value:.3f}×"
+    if unit == "%":
+        return f"{value:.2f} %"
+    return f"{value:g} {unit}"
+
+
+def render(rows: list[Row]) -> str:
+    head = "| measurement | ours (median) | spread | baseline (median) | ratio | goal |"
+    out = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        base = fmt(statistics.median(r.base), r.unit) if r.base else "–"
+        ratio = f"{r.ratio:.2f}×" if r.ratio is not None else "–"
+        name = r.name + (f" ({r.note})" if r.note else "")
+        out.append(
+            f"| {name} | {fmt(r.median, r.unit)} | {r.spread()} | {base} | {ratio} | {r.goal} |"
+        )
+    return "\n".join(out)
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    kvm = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    return (
+        f"{platform.node()}: {os.cpu_count()} × {cpu}, {mem:.0f} GiB RAM, "
+        f"{qemu.stdout.splitlines()[0]}, {kvm}, Python {platform.python_version()}"
+    )
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def drop_dirty() -> None:
+    """Write back dirty pages so one measurement does not pay for the previous one."""
+    os.sync()
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_hwm(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+async def varied_image(path: str, size: int, data: int, fmt: str = "qcow2") -> None:
+    """``data`` bytes in 1 MiB runs of varying patterns, every other MiB, from offset 0."""
+    await imgtools.create(path, size, fmt)
+    runs = data // MiB
+    stride = max(size // max(runs, 1), MiB)
+    writes = [(1 + i % 251, i * stride, MiB) for i in range(runs)]
+    for start in range(0, len(writes), 256):  # keep qemu-io command lines short
+        await imgtools.write_pattern(path, fmt, writes[start : start + 256])
+
+
+@dataclass
+class Session:
+    """A QEMU with some disks and a driver attached to it."""
+
+    proc: QemuProcess
+    driver: Driver
+    dom: Any
+    done: asyncio.Event
+
+    @classmethod
+    async def open(cls, disks: list[DiskSpec], state: Path, **driver_kw: Any) -> Session:
+        proc = await QemuProcess(disks).start()
+        driver = Driver(state_dir=state, **driver_kw)
+        dom = await driver.attach("bench", proc.backup_qmp_path)
+        done = asyncio.Event()
+        await driver.connectDomainEventRegisterAny(
+            dom, DomainEventID.JOB_COMPLETED, lambda *a: done.set()
+        )
+        return cls(proc, driver, dom, done)
+
+    async def push(self, xml: str, checkpoint_xml: str | None = None, **kw: Any) -> float:
+        """Begin → JOB_COMPLETED (targets closed and flushed), in seconds."""
+        self.done.clear()
+        t0 = time.perf_counter()
+        await self.driver.domainBackupBegin(self.dom, xml, checkpoint_xml, **kw)
+        await asyncio.wait_for(self.done.wait(), 3600)
+        took = time.perf_counter() - t0
+        stats = await self.driver.domainGetJobStats(self.dom, JobStatsFlags.COMPLETED)
+        if not stats.get("success"):
+            raise RuntimeError(f"backup failed: {stats}")
+        return took
+
+    async def close(self) -> None:
+        await self.driver.close()
+        await self.proc.stop()
+
+
+def push_xml(disk: str, target: str) -> str:
+    return (
+        f"<domainbackup><disks><disk name='{disk}'><target file='{target}'/></disk>"
+        "</disks></domainbackup>"
+    )
+
+
+def rm(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------- rows
+
+
+async def bench_push_full(work: Path, repeat: int) -> list[Row]:
+    """2 GiB qcow2, 1 GiB of varied data: push full vs qemu-img convert -t writeback."""
+    src = str(work / "full.qcow2")
+    await varied_image(src, 2 * GiB, 1 * GiB)
+    ours: list[float] = []
+    base: list[float] = []
+    hwm: list[float] = []
+    s = await Session.open([DiskSpec("vda", src)], work / "state")
+    try:
+        for i in range(repeat):
+            for which in ("ours", "base") if i % 2 == 0 else ("base", "ours"):
+                target = str(work / f"push-{which}.qcow2")
+                rm(target)
+                drop_dirty()
+                if which == "ours":
+                    rss = vm_rss_kib(s.proc.pid)
+                    reset_hwm(s.proc.pid)
+                    ours.append(await s.push(push_xml("vda", target)))
+                    hwm.append((vm_hwm_kib(s.proc.pid) - rss) / 1024)
+                else:
+                    t0 = time.perf_counter()
+                    await imgtools.run(
+                        [
+                            "qemu-img",
+                            "convert",
+                            "-U",
+                            "-f",
+                            "qcow2",
+                            "-O",
+                            "qcow2",
+                            "-t",
+                            "writeback",
+                            src,
+                            target,
+                        ]
+                    )
+                    base.append(time.perf_counter() - t0)
+                rm(target)
+    finally:
+        await s.close()
+    return [
+        Row(
+            "push full, 2 GiB qcow2 with 1 GiB data, until flushed",
+            ours,
+            base,
+            goal="≤ 1.0× qemu-img convert -t writeback",
+        ),
+        Row(
+            "QEMU memory growth during that push (VmHWM − RSS before)",
+            hwm,
+            unit="MiB",
+            goal="≤ 16 MiB per disk",
+        ),
+    ]
+
+
+async def bench_sparse(work: Path, repeat: int) -> list[Row]:
+    """64 GiB virtual, 256 MiB written: time and target size must follow the data."""
+    src = str(work / "sparse.qcow2")
+    await varied_image(src, 64 * GiB, 256 * MiB)
+    ours: list[float] = []
+    base: list[float] = []
+    sizes: list[float] = []
+    s = await Session.open([DiskSpec("vda", src)], work / "state-sparse")
+    try:
+        for _ in range(repeat):
+            target = str(work / "sparse-ours.qcow2")
+            rm(target)
+            drop_dirty()
+            ours.append(await s.push(push_xml("vda", target)))
+            sizes.append(os.stat(target).st_blocks * 512 / MiB)
+            rm(target)
+            conv = str(work / "sparse-base.qcow2")
+            rm(conv)
+            drop_dirty()
+            t0 = time.perf_counter()
+            await imgtools.run(
+                [
+                    "qemu-img",
+                    "convert",
+                    "-U",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "qcow2",
+                    "-t",
+                    "writeback",
+                    src,
+                    conv,
+                ]
+            )
+            base.append(time.perf_counter() - t0)
+            rm(conv)
+    finally:
+        await s.close()
+    return [
+        Row("push full, 64 GiB virtual with 256 MiB written", ours, base, goal="follows the data"),
+        Row("  its target's allocated size", sizes, unit="MiB", goal="≈ 256 MiB"),
+    ]
+
+
+async def bench_begin_latency(work: Path, repeat: int) -> list[Row]:
+    """domainBackupBegin call → return, for 1, 8 and 16 disks, and its QMP round trips."""
+    rows = []
+    for n in (1, 8, 16):
+        disks = []
+        for i in range(n):
+            path = str(work / f"lat{n}-{i}.qcow2")
+            await varied_image(path, 64 * MiB, 4 * MiB)
+            disks.append(DiskSpec(f"vd{i:02d}", path))
+        s = await Session.open(disks, work / f"state-lat{n}")
+        times: list[float] = []
+        trips: list[float] = []
+        try:
+            for r in range(repeat):
+                drop_dirty()
+                mon = s.dom.monitor
+                before = mon.commands_sent
+                t0 = time.perf_counter()
+                await s.driver.domainBackupBegin(s.dom, None)
+                times.append(time.perf_counter() - t0)
+                trips.append(mon.commands_sent - before)
+                await asyncio.wait_for(s.done.wait(), 600)
+                s.done.clear()
+                for d in disks:
+                    for f in Path(d.path).parent.glob(Path(d.path).name + ".*"):
+                        f.unlink()
+                del r
+        finally:
+            await s.close()
+        goal = {1: "≤ 50 ms", 16: "≤ 200 ms"}.get(n, "")
+        rows.append(
+            Row(
+                f"begin latency, {n} disk{'s' if n > 1 else ''}",
+                times,
+                goal=goal,
+                note=f"{statistics.median(trips):.0f} QMP round trips",
+            )
+        )
+    return rows
+
+
+async def bench_driver_cost(work: Path, repeat: int) -> list[Row]:
+    """The driver's own CPU time and Python memory for one full push of 1 GiB."""
+    src = str(work / "cost.qcow2")
+    await varied_image(src, 1 * GiB, 512 * MiB)
+    cpu: list[float] = []
+    mem: list[float] = []
+    s = await Session.open([DiskSpec("vda", src)], work / "state-cost")
+    try:
+        for _ in range(repeat):
+            target = str(work / "cost-target.qcow2")
+            rm(target)
+            drop_dirty()
+            tracemalloc.start()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            await s.push(push_xml("vda", target))
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            _cur, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            cpu.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+            mem.append(peak / MiB)
+            rm(target)
+    finally:
+        await s.close()
+    return [
+        Row("driver CPU time per full push (1 GiB disk)", cpu),
+        Row("driver Python memory peak per full push", mem, unit="MiB"),
+    ]
+
+
+async def bench_tuning(work: Path, repeat: int) -> list[Row]:
+    """QEMU's copy settings on the push of bench_push_full's image: time and memory."""
+    src = str(work / "full.qcow2")
+    if not os.path.exists(src):
+        await varied_image(src, 2 * GiB, 1 * GiB)
+    settings: list[tuple[str, dict[str, Any]]] = [
+        ("QEMU's defaults (64 workers, 1 MiB chunks)", {"max_workers": None}),
+        ("max-workers 4", {"max_workers": 4}),
+        ("max-workers 8", {"max_workers": 8}),
+        ("max-workers 16", {"max_workers": 16}),
+        ("max-workers 8, target O_DIRECT", {"max_workers": 8, "target_cache_direct": True}),
+    ]
+    times: dict[str, list[float]] = {name: [] for name, _ in settings}
+    hwm: dict[str, list[float]] = {name: [] for name, _ in settings}
+    s = await Session.open([DiskSpec("vda", src)], work / "state-tuning")
+    try:
+        for i in range(repeat):
+            order = settings if i % 2 == 0 else list(reversed(settings))
+            for name, tuning in order:
+                target = str(work / "tuning.qcow2")
+                rm(target)
+                drop_dirty()
+                rss = vm_rss_kib(s.proc.pid)
+                reset_hwm(s.proc.pid)
+                times[name].append(await s.push(push_xml("vda", target), tuning=Tuning(**tuning)))
+                hwm[name].append((vm_hwm_kib(s.proc.pid) - rss) / 1024)
+                rm(target)
+    finally:
+        await s.close()
+    base_name = settings[0][0]
+    rows = []
+    for name, _ in settings:
+        rows.append(
+            Row(
+                f"tuning: {name}",
+                times[name],
+                times[base_name],
+                note=f"QEMU grows {statistics.median(hwm[name]):.0f} MiB",
+            )
+        )
+    return rows
+
+
+BENCHES: dict[str, Callable[[Path, int], Awaitable[list[Row]]]] = {
+    "tuning": bench_tuning,
+    "push": bench_push_full,
+    "sparse": bench_sparse,
+    "latency": bench_begin_latency,
+    "cost": bench_driver_cost,
+}
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--only", help="comma-separated: " + ",".join(BENCHES))
+    ap.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
+    ap.add_argument("--workdir", help="where images go (default: a temporary directory)")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHES)
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pyvirtbackup-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}", flush=True)
+    print(f"repeat: {args.repeat}, workdir: {work}\n", flush=True)
+    rows: list[Row] = []
+    try:
+        for name in names:
+            t0 = time.monotonic()
+            got = await BENCHES[name](work, args.repeat)
+            rows += got
+            print(
+                render(got).split("\n", 2)[2],
+                f"   [{name}: {time.monotonic() - t0:.0f} s]",
+                flush=True,
+            )
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n" + render(rows))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine(), "rows": [r.__dict__ | {"ratio": r.ratio} for r in rows]},
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

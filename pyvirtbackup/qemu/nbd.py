@@ -1,0 +1,197 @@
+"""The NBD half of a pull backup, as plan steps: TLS credentials, the server, the exports.
+
+Pure except for ``check_tls_dir``, which only reads files: the point of planning
+here is that every step has its undo before anything runs, and that a dry run
+shows the NBD commands next to the store and transaction ones.
+
+Order (libvirt's, qemuBackupBegin): the TLS object and the server start before the
+transaction, so that a refusal there leaves no job behind; the exports are added
+after it, because they export the scratch nodes the jobs write into.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ErrorDomain, ErrorNumber, VirError
+from .plan import Plan, Step
+
+# What QEMU's tls-creds-x509 server endpoint loads from its directory: the first
+# three it requires, the other two it reads when they exist.
+TLS_REQUIRED_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+TLS_OPTIONAL_FILES = ("ca-crl.pem", "dh-params.pem")
+
+TLS_ALIAS = "pvb-backup-tls0"
+LISTEN_FD_NAME = "pvb-nbd-listen"
+
+
+@dataclass
+class TlsCreds:
+    """x509 credentials for the NBD server: a directory in QEMU's layout."""
+
+    directory: str
+    verify_peer: bool = True
+    alias: str = TLS_ALIAS
+
+
+def _tls_error(message: str) -> VirError:
+    # libvirt's number for "backup TLS directory not configured"; one number for
+    # every TLS set-up problem, and the message says which file and what is wrong
+    return VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, message)
+
+
+def check_tls_dir(directory: str) -> None:
+    """Find a missing or unreadable certificate before anything is added to QEMU.
+
+    QEMU would find it too, but only at object-add, after the scratch images
+    exist, and with a message that does not say how to fix it.
+    """
+    hint = "set Driver(tls_x509_cert_dir=...) to a directory holding " + ", ".join(
+        TLS_REQUIRED_FILES
+    )
+    if not os.path.isdir(directory):
+        raise _tls_error(
+            f"backup TLS directory '{directory}' does not exist or is not a directory; {hint}"
+        )
+    for name in TLS_REQUIRED_FILES + TLS_OPTIONAL_FILES:
+        path = os.path.join(directory, name)
+        if name in TLS_OPTIONAL_FILES and not os.path.lexists(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                head = f.read(65536)
+        except FileNotFoundError:
+            raise _tls_error(
+                f"backup TLS file '{path}' is missing (dangling link?); {hint}"
+            ) from None
+        except OSError as exc:
+            raise _tls_error(f"backup TLS file '{path}' is not readable: {exc.strerror}") from None
+        if b"-----BEGIN " not in head:
+            raise _tls_error(f"backup TLS file '{path}' is not a PEM file")
+
+
+def tls_steps(creds: TlsCreds) -> list[Step]:
+    """The server's credentials object; QEMU checks the certificates' content here."""
+    return [
+        Step(
+            "qmp",
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": creds.alias,
+                "dir": creds.directory,
+                "endpoint": "server",
+                "verify-peer": creds.verify_peer,
+            },
+            undo=[Step("qmp", "object-del", {"id": creds.alias})],
+        )
+    ]
+
+
+def inet_address(host: str, port: int) -> dict[str, Any]:
+    """QEMU 7.2's nbd-server-start takes only the legacy (wrapped) SocketAddress."""
+    return {"type": "inet", "data": {"host": host, "port": str(port)}}
+
+
+def unix_address(path: str) -> dict[str, Any]:
+    return {"type": "unix", "data": {"path": path}}
+
+
+def fd_address(name: str) -> dict[str, Any]:
+    return {"type": "fd", "data": {"str": name}}
+
+
+def server_steps(
+    address: dict[str, Any],
+    *,
+    tls_alias: str | None = None,
+    pass_fd: bool = False,
+    chmod: tuple[str, int] | None = None,
+) -> list[Step]:
+    """Start QEMU's (only) NBD server.
+
+    With ``pass_fd`` the address is a socket we bound ourselves, handed over with
+    ``getfd`` first: the port is known before QEMU sees it and a unix socket is
+    owner-only from its first instant. ``chmod`` is the fallback for monitors that
+    cannot pass descriptors: QEMU binds the path and we narrow its mode at once,
+    before any export exists.
+    """
+    steps: list[Step] = []
+    if pass_fd:
+        name = address["data"]["str"]
+        steps.append(
+            Step(
+                "pass-fd",
+                "getfd",
+                {"fdname": name},
+                # nbd-server-start consumes the descriptor; if it never ran, drop it
+                undo=[Step("qmp", "closefd", {"fdname": name}, ignore_errors=True)],
+            )
+        )
+    args: dict[str, Any] = {"addr": address}
+    if tls_alias:
+        args["tls-creds"] = tls_alias
+    steps.append(Step("qmp", "nbd-server-start", args, undo=[Step("qmp", "nbd-server-stop", {})]))
+    if chmod is not None:
+        path, mode = chmod
+        steps.append(Step("chmod", "chmod", {"path": path, "mode": mode}))
+    return steps
+
+
+def check_export_names(plan: Plan) -> None:
+    """Two disks under one export name: QEMU would refuse the second after the jobs run."""
+    counts = Counter(dp.export_name for dp in plan.disks)
+    for name, n in counts.items():
+        if n > 1:
+            disks = [dp.disk for dp in plan.disks if dp.export_name == name]
+            raise VirError(
+                ErrorNumber.CONFIG_UNSUPPORTED,
+                ErrorDomain.DOMAIN,
+                f"export name '{name}' is given to disks {', '.join(map(repr, disks))}; "
+                "each disk needs its own exportname",
+            )
+
+
+def export_steps(plan: Plan) -> list[Step]:
+    """One read-only export of each scratch node, with the incremental bitmap if any.
+
+    The bitmap is the disabled temporary one on the scratch node: QEMU refuses to
+    export a bitmap that still records.
+    """
+    steps = []
+    for dp in plan.disks:
+        args: dict[str, Any] = {
+            "type": "nbd",
+            "id": dp.export_id,
+            "node-name": dp.format_node,
+            "name": dp.export_name,
+            "writable": False,
+        }
+        if dp.export_bitmap:
+            args["bitmaps"] = [dp.export_bitmap]
+        steps.append(Step("qmp", "block-export-add", args))
+    return steps
+
+
+def add_pull_steps(
+    plan: Plan,
+    address: dict[str, Any],
+    *,
+    tls: TlsCreds | None = None,
+    pass_fd: bool = False,
+    chmod: tuple[str, int] | None = None,
+) -> Plan:
+    """Extend a planned pull backup with its NBD server and exports."""
+    if plan.mode != "pull":
+        raise ValueError("NBD steps belong to pull backups only")
+    check_export_names(plan)
+    if tls is not None:
+        plan.prepare += tls_steps(tls)
+    plan.prepare += server_steps(
+        address, tls_alias=tls.alias if tls else None, pass_fd=pass_fd, chmod=chmod
+    )
+    plan.after += export_steps(plan)
+    return plan

@@ -21,7 +21,7 @@ from pyvirtbackup.checkpoints import Checkpoint
 from pyvirtbackup.qemu import imgtools
 
 from .conftest import MiB
-from .helpers import bitmaps, checkpoint_xml
+from .drivertools import bitmaps, checkpoint_xml
 
 pytestmark = pytest.mark.asyncio
 

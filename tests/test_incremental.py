@@ -24,7 +24,7 @@ from pyvirtbackup import (
 from pyvirtbackup.qemu import imgtools
 
 from .conftest import MiB, TestDisk
-from .helpers import bitmaps, checkpoint_xml, node_names, push_xml, run_backup
+from .drivertools import bitmaps, checkpoint_xml, node_names, push_xml, run_backup
 
 pytestmark = pytest.mark.asyncio
 

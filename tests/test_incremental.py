@@ -24,7 +24,16 @@ from pyvirtbackup import (
 from pyvirtbackup.qemu import imgtools
 
 from .conftest import MiB, TestDisk
-from .drivertools import bitmaps, checkpoint_xml, node_names, push_xml, run_backup
+from .drivertools import (
+    NOTHING_LEFT,
+    bitmaps,
+    checkpoint_xml,
+    leftovers,
+    node_names,
+    push_xml,
+    run_backup,
+)
+from .nbd_clients import dirty_extents, nbdcopy, unix_uri
 
 pytestmark = pytest.mark.asyncio
 
@@ -368,3 +377,38 @@ async def test_bitmaps_in_backing_layers_are_merged_measured_and_deleted(
         assert f"qemu-img bitmap --remove {base} c2" in caplog.text
         left = await bitmaps(vm.mon)
         assert "vda-fmt" not in left and [list(b) for b in left.values()] == [["c2"]]
+
+
+async def test_pull_incremental_exports_the_writes_since_the_checkpoint(vm_factory, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    original = await node_names(vm.mon)
+    async with Driver(state_dir=tmp_path / "state") as driver:
+        dom = await driver.attach("vm1", vm.qmp)
+        full = str(tmp_path / "vda.full.qcow2")
+        await run_backup(driver, dom, push_xml({"vda": full}), checkpoint_xml("c1"))
+        await vm.write("vda", 0x91, 2 * MiB, 64 * 1024)
+        await vm.write("vda", 0x92, 9 * MiB + 4096, 8192)
+
+        sock = str(tmp_path / "nbd.sock")
+        xml = (
+            "<domainbackup mode='pull'><incremental>c1</incremental>"
+            f"<server transport='unix' socket='{sock}'/><disks><disk name='vda'>"
+            f"<scratch file='{tmp_path / 'scratch.qcow2'}'/></disk></disks></domainbackup>"
+        )
+        await driver.domainBackupBegin(dom, xml, checkpoint_xml("c2"))
+        await vm.snapshot("vda", str(tmp_path / "ref"))
+        await vm.write("vda", 0x93, 0, 64 * 1024)  # after the instant: c2's, not c1's
+        desc = await driver.domainBackupGetXMLDesc(dom)
+        assert "incremental='c1'" in desc and "exportbitmap='backup-vda'" in desc
+
+        uri = unix_uri(sock, "vda")
+        extents = await dirty_extents(uri, "qemu:dirty-bitmap:backup-vda")
+        assert extents == [(2 * MiB, 64 * 1024), (9 * MiB, 64 * 1024)]
+        await nbdcopy(uri, str(tmp_path / "export.raw"))
+        c2 = await driver.domainCheckpointLookupByName(dom, "c2")
+        assert "size='65536'" in await driver.domainCheckpointGetXMLDesc(
+            c2, CheckpointXMLFlags.SIZE
+        )
+        await driver.domainAbortJob(dom)
+        assert await leftovers(vm.mon, original) == NOTHING_LEFT
+    await _assert_equal(str(tmp_path / "export.raw"), str(tmp_path / "ref"))

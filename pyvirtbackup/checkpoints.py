@@ -115,9 +115,6 @@ class CheckpointTree:
     def __contains__(self, name: object) -> bool:
         return name in self.defs
 
-    def __len__(self) -> int:
-        return len(self.defs)
-
     def get(self, name: str) -> CheckpointDef:
         try:
             return self.defs[name]

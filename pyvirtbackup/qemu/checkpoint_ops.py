@@ -186,7 +186,7 @@ async def delete(mon: Monitor, targets: Iterable[Target]) -> Removal:
     nodes = await query_nodes(mon)
     result = Removal()
     actions: list[dict[str, Any]] = []
-    reopen: dict[str, tuple[Disk, int]] = {}
+    writable: dict[str, list[dict[str, Any]]] = {}  # read-only layer -> its reopen options
     for disk, bitmap in targets:
         found = False
         for depth, node_name in enumerate(disk.chain):
@@ -194,33 +194,31 @@ async def delete(mon: Monitor, targets: Iterable[Target]) -> Removal:
             if node is None or bitmap not in node.bitmaps:
                 continue
             found = True
-            if node.readonly:
-                if _reopen_options(disk, depth, nodes, read_only=False) is None:
+            if node.readonly and node.name not in writable:
+                options = _writable_options(disk, depth, nodes)
+                if options is None:
                     result.left.append((disk.name, bitmap, node.name, node.filename))
                     continue
-                reopen.setdefault(node.name, (disk, depth))
+                writable[node.name] = options
             actions.append(_remove_action(node.name, bitmap))
         if not found:
             result.missing.append((disk.name, bitmap))
     if not actions:
         return result
-    reopened: list[tuple[Disk, int]] = []
+    reopened: list[list[dict[str, Any]]] = []
     try:
-        for disk, depth in reopen.values():
-            await _reopen(mon, disk, depth, nodes, read_only=False)
-            reopened.append((disk, depth))
+        for options in writable.values():
+            await mon.execute("blockdev-reopen", {"options": options})
+            reopened.append(options)
         await mon.transaction(actions)
     finally:
-        for disk, depth in reversed(reopened):
+        for options in reversed(reopened):
+            # back as they were; the format node first, then the file under it
+            back = [{**o, "read-only": True} for o in reversed(options)]
             try:
-                await _reopen(mon, disk, depth, nodes, read_only=True)
+                await mon.execute("blockdev-reopen", {"options": back})
             except VirError as exc:
-                log.error(
-                    "backing image %s of disk %s stays read-write: %s",
-                    nodes[disk.chain[depth]].filename,
-                    disk.name,
-                    exc,
-                )
+                log.error("backing image %s stays read-write: %s", options[0]["filename"], exc)
     return result
 
 
@@ -232,15 +230,16 @@ def _file_node(fmt: BlockNode, nodes: dict[str, BlockNode]) -> BlockNode | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _reopen_options(
-    disk: Disk, depth: int, nodes: dict[str, BlockNode], *, read_only: bool
+def _writable_options(
+    disk: Disk, depth: int, nodes: dict[str, BlockNode]
 ) -> list[dict[str, Any]] | None:
-    """blockdev-reopen options for one backing layer and its file node, or None.
+    """blockdev-reopen options making one backing layer read-write, or None if we cannot.
 
     blockdev-reopen resets every option it is not given, and refuses nodes QEMU
     named itself; so only a layer whose node names, file child and backing child
     are all known is reopened. Options the query does not show (aio, discard,
     locking) return to QEMU's defaults, which is harmless for a read-only layer.
+    The file node comes first: it must be writable before its format node is.
     """
     fmt = nodes[disk.chain[depth]]
     file = _file_node(fmt, nodes)
@@ -255,14 +254,14 @@ def _reopen_options(
         "node-name": file.name,
         "driver": file.driver,
         "filename": file.filename,
-        "read-only": read_only,
+        "read-only": False,
     }
     fmt_opts: dict[str, Any] = {
         "node-name": fmt.name,
         "driver": fmt.driver,
         "file": file.name,
         "backing": backing,
-        "read-only": read_only,
+        "read-only": False,
     }
     for opts, node in ((file_opts, file), (fmt_opts, fmt)):
         if node.cache:
@@ -272,14 +271,4 @@ def _reopen_options(
             }
     if fmt.detect_zeroes and fmt.detect_zeroes != "off":
         fmt_opts["detect-zeroes"] = fmt.detect_zeroes
-    # the file node must be writable before its format node, and stay so until after
-    return [file_opts, fmt_opts] if not read_only else [fmt_opts, file_opts]
-
-
-async def _reopen(
-    mon: Monitor, disk: Disk, depth: int, nodes: dict[str, BlockNode], *, read_only: bool
-) -> None:
-    options = _reopen_options(disk, depth, nodes, read_only=read_only)
-    if options is None:  # pragma: no cover - checked by the caller
-        raise AssertionError("layer cannot be reopened")
-    await mon.execute("blockdev-reopen", {"options": options})
+    return [file_opts, fmt_opts]

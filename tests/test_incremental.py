@@ -68,6 +68,29 @@ async def _assert_equal(image: str, reference: str) -> None:
     assert same, f"{image} differs from {reference}: {message}"
 
 
+async def _assert_backups_are_the_disks(vm, bdir, label: str) -> None:
+    """Each disk's backup ``label``, opened with its chain, equals the disk now."""
+    for d in DISKS:
+        ref = await vm.snapshot(d, str(bdir / f"{d}.{label}.ref"))
+        await _assert_equal(str(bdir / f"{d}.{label}.qcow2"), ref)
+
+
+async def _full_backup_then_quit(vm_factory, tmp_path, writes=()):
+    """A VM whose full backup made c1, then ``writes``, then a clean quit (which stores
+    c1's bitmaps, with what they recorded, in the images)."""
+    vm = await vm_factory(TWO_QCOW2)
+    bdir = tmp_path / "backups"
+    bdir.mkdir()
+    state = tmp_path / "state"
+    async with Driver(state_dir=state) as driver:
+        dom = await driver.attach("vm1", vm.qmp)
+        await run_backup(driver, dom, push_xml(_targets(bdir, "full")), checkpoint_xml("c1"))
+    for write in writes:
+        await vm.write(*write)
+    await vm.quit()
+    return vm, bdir, state
+
+
 @pytest.mark.parametrize("layout", ["pvb-backing", "libvirt-then-rebase"])
 async def test_chain_of_incrementals_equals_the_disk_at_each_instant(vm_factory, tmp_path, layout):
     vm = await vm_factory(TWO_QCOW2)
@@ -175,9 +198,7 @@ async def test_refused_incrementals_touch_nothing_and_new_disks_go_full(vm_facto
         stats = await run_backup(driver, dom, xml)
         assert stats["success"]
         assert stats["disk_total"] == 3 * GRANULE + 16 * MiB  # vda's dirty part, all of vdb
-        for d in DISKS:
-            await vm.snapshot(d, str(bdir / f"{d}.ref"))
-            await _assert_equal(inc[d], str(bdir / f"{d}.ref"))
+        await _assert_backups_are_the_disks(vm, bdir, "inc")
 
 
 async def test_temporary_bitmap_goes_when_the_backup_is_aborted(vm_factory, tmp_path):
@@ -212,14 +233,7 @@ async def test_generated_targets_are_named_after_the_checkpoint(vm_factory, tmp_
 
 
 async def test_sigkilled_qemu_is_refused_until_the_way_out_is_taken(vm_factory, tmp_path, caplog):
-    vm = await vm_factory(TWO_QCOW2)
-    bdir = tmp_path / "backups"
-    bdir.mkdir()
-    state = tmp_path / "state"
-    async with Driver(state_dir=state) as driver:
-        dom = await driver.attach("vm1", vm.qmp)
-        await run_backup(driver, dom, push_xml(_targets(bdir, "full")), checkpoint_xml("c1"))
-    await vm.quit()  # c1's bitmaps are now stored in the images
+    vm, bdir, state = await _full_backup_then_quit(vm_factory, tmp_path)
     vm = await vm_factory(existing=vm.disks)
     async with Driver(state_dir=state) as driver:
         dom = await driver.attach("vm1", vm.qmp)
@@ -277,22 +291,13 @@ async def test_sigkilled_qemu_is_refused_until_the_way_out_is_taken(vm_factory, 
         )
         stats = await run_backup(driver, dom, xml, checkpoint_xml("c4"))
         assert stats["success"] and stats["disk_total"] == GRANULE
-        for d in DISKS:
-            await vm.snapshot(d, str(bdir / f"{d}.ref"))
-            await _assert_equal(str(bdir / f"{d}.inc.qcow2"), str(bdir / f"{d}.ref"))
+        await _assert_backups_are_the_disks(vm, bdir, "inc")
 
 
 async def test_clean_restart_keeps_bitmaps_recording_for_the_next_incremental(vm_factory, tmp_path):
-    vm = await vm_factory(TWO_QCOW2)
-    bdir = tmp_path / "backups"
-    bdir.mkdir()
-    state = tmp_path / "state"
-    async with Driver(state_dir=state) as driver:
-        dom = await driver.attach("vm1", vm.qmp)
-        await run_backup(driver, dom, push_xml(_targets(bdir, "full")), checkpoint_xml("c1"))
-        await vm.write("vda", 0x81, 3 * MiB, MiB)
-    await vm.quit()
-
+    vm, bdir, state = await _full_backup_then_quit(
+        vm_factory, tmp_path, [("vda", 0x81, 3 * MiB, MiB)]
+    )
     vm2 = await vm_factory(existing=vm.disks)
     await vm2.write("vdb", 0x82, 13 * MiB, 64 * 1024)  # while no driver is attached
     async with Driver(state_dir=state) as driver:
@@ -304,9 +309,7 @@ async def test_clean_restart_keeps_bitmaps_recording_for_the_next_incremental(vm
         )
         stats = await run_backup(driver, dom, xml, checkpoint_xml("c2"))
         assert stats["disk_total"] == 16 * GRANULE + GRANULE
-        for d in DISKS:
-            await vm2.snapshot(d, str(bdir / f"{d}.ref"))
-            await _assert_equal(str(bdir / f"{d}.inc.qcow2"), str(bdir / f"{d}.ref"))
+        await _assert_backups_are_the_disks(vm2, bdir, "inc")
 
 
 async def _qemu_img(*args: str) -> None:

@@ -31,10 +31,13 @@ from typing import Any
 
 from pyvirtbackup import DomainEventID, Driver, JobStatsFlags, Tuning
 from pyvirtbackup.qemu import imgtools
+from pyvirtbackup.qemu.monitor import Monitor
 from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+# the baseline copy: QEMU's own tool, flushing the target at close as a backup does
+CONVERT_WRITEBACK = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", "-t", "writeback"]
 
 
 # --------------------------------------------------------------------- reporting
@@ -257,6 +260,83 @@ async def bench_push_full(work: Path, repeat: int) -> list[Row]:
     ]
 
 
+async def bench_incremental(work: Path, repeat: int) -> list[Row]:
+    """1 GiB qcow2, 512 MiB of data: incremental push with 1 % dirty vs the full push.
+
+    Per round: a full push creating checkpoint c1, guest-like writes dirtying 1 % of
+    the disk in 64 KiB pieces spread over it, an incremental push from c1 into a
+    target backed by the full one (pvb:backing), both checkpoints deleted again.
+    The first round's chain is compared with the disk, so the times are for a
+    correct backup.
+    """
+    src = str(work / "inc.qcow2")
+    size, piece = 1 * GiB, 64 * 1024
+    await varied_image(src, size, 512 * MiB)
+    pieces = size // 100 // piece
+    stride = size // pieces // piece * piece
+    full, inc = str(work / "inc-full.qcow2"), str(work / "inc-inc.qcow2")
+    fulls: list[float] = []
+    incs: list[float] = []
+    base: list[float] = []
+    s = await Session.open([DiskSpec("vda", src)], work / "state-inc")
+    mon = Monitor("bench")
+    await mon.connect(s.proc.qmp_path)
+    try:
+        for i in range(repeat):
+            rm(full)
+            rm(inc)
+            target = str(work / "inc-convert.qcow2")
+            drop_dirty()
+            t0 = time.perf_counter()
+            await imgtools.run([*CONVERT_WRITEBACK, src, target])
+            base.append(time.perf_counter() - t0)
+            rm(target)
+            drop_dirty()
+            fulls.append(
+                await s.push(
+                    push_xml("vda", full), "<domaincheckpoint><name>c1</name></domaincheckpoint>"
+                )
+            )
+            for n in range(pieces):
+                await mon.qemu_io("vda", f"write -P {0x40 + n % 64:#x} {n * stride} {piece}")
+            drop_dirty()
+            xml = (
+                "<domainbackup xmlns:pvb='urn:pyvirtbackup:backup:1.0'>"
+                "<incremental>c1</incremental><disks><disk name='vda'>"
+                f"<target file='{inc}' pvb:backing='{os.path.basename(full)}'/>"
+                "</disk></disks></domainbackup>"
+            )
+            incs.append(await s.push(xml, "<domaincheckpoint><name>c2</name></domaincheckpoint>"))
+            if i == 0:
+                await mon.qemu_io("vda", "flush")
+                same, message = await imgtools.compare(inc, src)
+                if not same:
+                    raise RuntimeError(f"incremental chain differs from the disk: {message}")
+            for name in ("c1", "c2"):
+                chk = await s.driver.domainCheckpointLookupByName(s.dom, name)
+                await s.driver.domainCheckpointDelete(chk)
+    finally:
+        await mon.close()
+        await s.close()
+        rm(full)
+        rm(inc)
+    dirty = f"{pieces} × 64 KiB = {pieces * piece / MiB:.0f} MiB"
+    return [
+        Row(
+            "push full + checkpoint, 1 GiB qcow2 with 512 MiB data, until flushed",
+            fulls,
+            base,
+            goal="≤ 1.0× qemu-img convert -t writeback",
+        ),
+        Row(
+            f"push incremental, 1 % dirty ({dirty}), same disk, vs that full push",
+            incs,
+            fulls,
+            goal="≪ 1 (only the dirty data)",
+        ),
+    ]
+
+
 async def bench_sparse(work: Path, repeat: int) -> list[Row]:
     """64 GiB virtual, 256 MiB written: time and target size must follow the data."""
     src = str(work / "sparse.qcow2")
@@ -418,6 +498,7 @@ async def bench_tuning(work: Path, repeat: int) -> list[Row]:
 BENCHES: dict[str, Callable[[Path, int], Awaitable[list[Row]]]] = {
     "tuning": bench_tuning,
     "push": bench_push_full,
+    "incremental": bench_incremental,
     "sparse": bench_sparse,
     "latency": bench_begin_latency,
     "cost": bench_driver_cost,

@@ -15,8 +15,9 @@ server-cert.pem, server-key.pem) and nbdcopy those in CLIENT_DIR (ca-cert.pem,
 client-cert.pem, client-key.pem); the transport is then tcp on localhost.
 
 Not here yet: the incremental copy (only the extents that
-`nbdinfo --map=qemu:dirty-bitmap:backup-vda` marks dirty). It needs checkpoints,
-which the driver does not know yet.
+`nbdinfo --map=qemu:dirty-bitmap:backup-vda` marks dirty). The driver has what it
+needs (a checkpoint with the full backup, then `<incremental>` in pull mode; see
+tests/test_incremental.py); the client side of the copy is still to write.
 """
 
 from __future__ import annotations

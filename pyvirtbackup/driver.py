@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 import logging
 import os
 import time
@@ -17,12 +18,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .conf import BackupDef, BackupServer, DomainDisk
+from .checkpoints import Checkpoint, CheckpointTree
+from .conf import BackupDef, BackupServer, CheckpointDef, DomainDisk
+from .conf.checkpoint import BITMAP, disk_by_name
 from .enums import (
     AbortJobFlags,
     BackupBeginFlags,
     BlockJobStatus,
     BlockJobType,
+    CheckpointCreateFlags,
+    CheckpointDeleteFlags,
+    CheckpointListFlags,
+    CheckpointXMLFlags,
     ConnectListAllDomainsFlags,
     DomainEventID,
     JobStatsFlags,
@@ -30,12 +37,20 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .events import EventRegistry
-from .qemu import blockgraph, listen, nbd
+from .qemu import blockgraph, checkpoint_ops, listen, nbd
 from .qemu.blockgraph import Disk
 from .qemu.job import BackupJob, Callbacks, JobResult
 from .qemu.listen import Listener
 from .qemu.monitor import Address, Monitor
-from .qemu.plan import DiskPlan, Plan, PlanDisk, Tuning, next_store_id, plan_backup
+from .qemu.plan import (
+    DiskPlan,
+    Plan,
+    PlanDisk,
+    Tuning,
+    inconsistent_error,
+    next_store_id,
+    plan_backup,
+)
 from .state import State, check_component
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,54 @@ def _check_flags(flags: int, allowed: int, function: str) -> None:
         )
 
 
+def _check_exclusive(flags: int, a: enum.Flag, b: enum.Flag) -> None:
+    """libvirt's VIR_EXCLUSIVE_FLAGS check, made before the driver sees the flags."""
+    if flags & a and flags & b:
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.NONE,
+            f"Flags '{_flag_name(a)}' and '{_flag_name(b)}' are mutually exclusive",
+        )
+
+
+def _flag_name(flag: enum.Flag) -> str:
+    prefix = {
+        CheckpointCreateFlags: "VIR_DOMAIN_CHECKPOINT_CREATE_",
+        CheckpointDeleteFlags: "VIR_DOMAIN_CHECKPOINT_DELETE_",
+    }[type(flag)]
+    return prefix + str(flag.name)
+
+
+_LIST_FLAGS = (
+    CheckpointListFlags.TOPOLOGICAL | CheckpointListFlags.LEAVES | CheckpointListFlags.NO_LEAVES
+)
+
+
+def _not_running(dom: Domain) -> VirError:
+    """libvirt's virDomainObjCheckActive error."""
+    return VirError(
+        ErrorNumber.OPERATION_INVALID,
+        ErrorDomain.QEMU,
+        f"domain is not running: the QEMU monitor of '{dom.name}' is gone",
+    )
+
+
+def _check_backing(disk: str, target: str, backing: str) -> None:
+    """The previous backup named by pvb:backing must exist (relative: next to the target).
+
+    QEMU never opens it (the new target is opened with ``backing: null``), so a typo
+    would only show when someone restores from the chain.
+    """
+    where = os.path.join(os.path.dirname(target), backing)
+    if not os.path.exists(where):
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.QEMU,
+            f"backing file '{backing}' for the backup of disk '{disk}' does not exist"
+            + (f" (looked for {where})" if where != backing else ""),
+        )
+
+
 def _address_record(qmp: Address) -> Any:
     return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
 
@@ -70,6 +133,8 @@ class _Prepared:
     reuse: bool
     tuning: Tuning
     tls: nbd.TlsCreds | None
+    chk: CheckpointDef | None = None  # created in the backup's transaction
+    targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
 
 
 @dataclass
@@ -87,6 +152,9 @@ class Domain:
     completed: dict[str, Any] | None = field(default=None, repr=False)
     begin_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     attached: bool = True
+    checkpoints: CheckpointTree = field(default_factory=CheckpointTree, repr=False)
+    # held by whatever changes checkpoints (their bitmaps or their tree)
+    checkpoint_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     # what taking over an earlier process's backup found not matching QEMU
     recovery_problems: list[str] = field(default_factory=list, repr=False)
 
@@ -174,6 +242,7 @@ class Driver:
             raise
         dom = Domain(name, dom_uuid, qmp, mon, found, dict(disks) if disks else None)
         dom.completed = dstate.read_completed()
+        dom.checkpoints = CheckpointTree.load(dstate)
         self.domains[name] = dom
         try:
             await self._recover_job(dom)
@@ -250,6 +319,8 @@ class Driver:
             log.info("domain %s is not reachable: %s", name, exc)
         dom = Domain(name, record.get("uuid", ""), address, Monitor(f"pyvirtbackup-{name}"))
         dom.completed = self.state.domain(name).read_completed()
+        # metadata-only checkpoint calls (list, dumpxml, REDEFINE) need no QEMU
+        dom.checkpoints = CheckpointTree.load(self.state.domain(name))
         self.domains[name] = dom
         return dom
 
@@ -335,7 +406,11 @@ class Driver:
         *,
         tuning: Tuning | Mapping[str, Any] | None = None,
     ) -> int:
-        """Start a backup (virDomainBackupBegin); returns once every disk's job runs."""
+        """Start a backup (virDomainBackupBegin); returns once every disk's job runs.
+
+        With ``checkpoint_xml`` the checkpoint's bitmaps are added in the backup's
+        own transaction, so the checkpoint and the backup are the same instant.
+        """
         self._check_begin_args(dom, flags)
         if dom.job is not None or dom.begin_lock.locked():
             raise VirError(
@@ -343,9 +418,16 @@ class Driver:
                 ErrorDomain.QEMU,
                 f"another backup job is already running on domain '{dom.name}'",
             )
-        async with dom.begin_lock:
+        async with dom.begin_lock, dom.checkpoint_lock:
             prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
-            await self._start_prepared(dom, prep)
+            try:
+                job = await self._start_prepared(dom, prep)
+            except BaseException:
+                if prep.chk is not None:  # the transaction may have run before the failure
+                    await checkpoint_ops.remove_new(dom.monitor, str(prep.chk.name), prep.targets)
+                raise
+            if prep.chk is not None:
+                await self._record_begin_checkpoint(dom, job, prep.chk, prep.targets)
             self._save_job(dom)
         return 0
 
@@ -365,7 +447,8 @@ class Driver:
         too, so a dry run that succeeds means begin would get that far.
         """
         self._check_begin_args(dom, flags)
-        prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+        async with dom.checkpoint_lock:
+            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
         if prep.bdef.is_pull:
             self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls, bind=False)
         return prep.plan.describe()
@@ -385,25 +468,18 @@ class Driver:
         """Parse, align and plan: everything of begin that changes nothing."""
         reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
         bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
-        if checkpoint_xml is not None:
-            raise VirError(
-                ErrorNumber.OPERATION_UNSUPPORTED,
-                ErrorDomain.QEMU,
-                "creating checkpoint for incremental backup is not supported yet",
-            )
+        chk = CheckpointDef.from_xml(checkpoint_xml) if checkpoint_xml is not None else None
         self._check_running(dom, "perform disk backup")
         job_tuning = self.tuning.merged(tuning)
         await self.refresh_disks(dom)
-        bdef.align_disks(self._domain_disks(dom), suffix=str(int(time.time())))
-        if any(d.backupmode == "incremental" for d in bdef.selected_disks()):
-            raise VirError(
-                ErrorNumber.OPERATION_UNSUPPORTED,
-                ErrorDomain.QEMU,
-                "incremental backup is not supported yet",
-            )
+        # libvirt names generated targets after the checkpoint made with them
+        suffix = chk.name if chk is not None else str(int(time.time()))
+        bdef.align_disks(self._domain_disks(dom), suffix=suffix)
+        targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
+        self._check_incremental_sources(dom, bdef)
         tls = self._pull_prepare(bdef) if bdef.is_pull else None
-        plan = await self._plan(dom, bdef, reuse, job_tuning)
-        return _Prepared(bdef, plan, reuse, job_tuning, tls)
+        plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets)
+        return _Prepared(bdef, plan, reuse, job_tuning, tls, chk, targets)
 
     async def _start_prepared(self, dom: Domain, prep: _Prepared) -> BackupJob:
         """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
@@ -429,7 +505,9 @@ class Driver:
                 attempt += 1
                 assert server is not None
                 server.port = None
-                prep.plan = await self._plan(dom, prep.bdef, prep.reuse, prep.tuning)
+                prep.plan = await self._plan(
+                    dom, prep.bdef, prep.reuse, prep.tuning, prep.chk, prep.targets
+                )
 
     async def _start_job(
         self, dom: Domain, bdef: BackupDef, plan: Plan, listener: Listener | None
@@ -522,6 +600,55 @@ class Driver:
         nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
         return Listener("tcp", host=server.name, port=server.port)
 
+    async def _record_begin_checkpoint(
+        self, dom: Domain, job: BackupJob, chk: CheckpointDef, targets: list[Any]
+    ) -> None:
+        """Save the checkpoint a begin created; if that fails, undo the whole begin.
+
+        libvirt reports the error and lets the backup run with bitmaps no metadata
+        knows; those are exactly the strays that break later checkpoints.
+        """
+        try:
+            dom.checkpoints.add(chk, make_current=True)
+        except VirError as exc:
+            if not job.done.is_set():
+                await job.abort(wait=True)
+            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets)
+            raise VirError(
+                ErrorNumber.INTERNAL_ERROR,
+                ErrorDomain.QEMU,
+                f"unable to save metadata for checkpoint {chk.name}: {exc.message}; "
+                "the backup was aborted and the checkpoint's bitmaps removed",
+            ) from None
+
+    def _check_incremental_sources(self, dom: Domain, bdef: BackupDef) -> None:
+        """An incremental disk its checkpoint does not cover gets a useful answer.
+
+        Without this, a disk added after the checkpoint (or left out of it) fails the
+        bitmap check like a broken bitmap would, and the way out offered is wrong:
+        what it needs is ``backupmode='full'`` in the same backup.
+        """
+        domdisks = self._domain_disks(dom)
+        for d in bdef.selected_disks():
+            if d.backupmode != "incremental" or d.incremental not in dom.checkpoints:
+                continue
+            cdef = dom.checkpoints.get(d.incremental)
+            covered = any(
+                cd.checkpoint == BITMAP
+                and (found := disk_by_name(domdisks, cd.name)) is not None
+                and found.name == d.name
+                for cd in cdef.disks
+            )
+            if not covered:
+                raise inconsistent_error(
+                    d.name,
+                    d.incremental,
+                    f"checkpoint '{d.incremental}' does not cover disk '{d.name}' (the disk "
+                    "was added after it or left out of it)",
+                    f"Back this disk up in full in the same backup: <disk name='{d.name}' "
+                    "backupmode='full'>",
+                )
+
     def _domain_disks(self, dom: Domain) -> list[DomainDisk]:
         return [
             DomainDisk(
@@ -535,7 +662,15 @@ class Driver:
             for d in dom.disks
         ]
 
-    async def _plan(self, dom: Domain, bdef: BackupDef, reuse: bool, tuning: Tuning) -> Plan:
+    async def _plan(
+        self,
+        dom: Domain,
+        bdef: BackupDef,
+        reuse: bool,
+        tuning: Tuning,
+        chk: CheckpointDef | None = None,
+        targets: list[Any] | None = None,
+    ) -> Plan:
         """The QEMU layer's defaults (qcow2 store, store index) and the plan."""
         plan_disks: list[PlanDisk] = []
         for d in bdef.selected_disks():
@@ -546,6 +681,8 @@ class Driver:
                     ErrorDomain.QEMU,
                     f"store '{d.path}' for backup of '{d.name}' exists",
                 )
+            if d.backing is not None:
+                _check_backing(d.name, d.path or "", d.backing)
             plan_disks.append(
                 PlanDisk(
                     name=d.name,
@@ -556,9 +693,15 @@ class Driver:
                     incremental=d.incremental,
                     export_name=d.exportname,
                     export_bitmap=d.exportbitmap,
+                    backing_file=d.backing,
+                    backing_fmt=d.backing_format,
                 )
             )
         nodes = await blockgraph.query_nodes(dom.monitor)
+        actions: list[dict[str, Any]] = []
+        if chk is not None:
+            checkpoint_ops.check_free(targets or [], nodes)
+            actions = checkpoint_ops.add_actions(str(chk.name), targets or [])
         plan = plan_backup(
             bdef.mode,
             plan_disks,
@@ -567,6 +710,8 @@ class Driver:
             first_store_id=next_store_id(nodes),
             reuse_external=reuse,
             tuning=tuning,
+            checkpoint_actions=actions,
+            known_checkpoints=set(dom.checkpoints.defs),
         )
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
@@ -697,6 +842,251 @@ class Driver:
         await job.abort(wait=True)
         await self.events.drain()
         return 0
+
+    # checkpoints ----------------------------------------------------------------------
+
+    async def domainCheckpointCreateXML(self, dom: Domain, xml: str, flags: int = 0) -> Checkpoint:
+        """Create a checkpoint (its bitmaps, one instant) or, with REDEFINE, its metadata."""
+        _check_exclusive(flags, CheckpointCreateFlags.REDEFINE, CheckpointCreateFlags.QUIESCE)
+        if flags & CheckpointCreateFlags.REDEFINE_VALIDATE and not (
+            flags & CheckpointCreateFlags.REDEFINE
+        ):
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.NONE,
+                "Flag 'VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE' is required by flag "
+                "'VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE'",
+            )
+        _check_flags(
+            flags,
+            CheckpointCreateFlags.REDEFINE | CheckpointCreateFlags.REDEFINE_VALIDATE,
+            "domainCheckpointCreateXML",
+        )
+        self._check_domain(dom)
+        redefine = bool(flags & CheckpointCreateFlags.REDEFINE)
+        if not redefine:
+            self._check_running(dom, "create checkpoint")
+        chk = CheckpointDef.from_xml(xml, flags & CheckpointCreateFlags.REDEFINE)
+        async with dom.checkpoint_lock:
+            if redefine:
+                await self._redefine_checkpoint(
+                    dom, chk, bool(flags & CheckpointCreateFlags.REDEFINE_VALIDATE)
+                )
+            else:
+                await self._create_checkpoint(dom, chk)
+        return Checkpoint(dom, str(chk.name))
+
+    def _prepare_checkpoint(self, dom: Domain, chk: CheckpointDef) -> list[Any]:
+        """Everything before the bitmaps exist: align, QEMU's rules, name, parent, domain.
+
+        Returns the (disk, bitmap) pairs to create; ``dom.disks`` must be fresh.
+        """
+        domdisks = self._domain_disks(dom)
+        chk.align_disks(domdisks)
+        by_name = {d.name: d for d in dom.disks}
+        targets = [(by_name[cd.name], cd.bitmap) for cd in chk.disks if cd.checkpoint == BITMAP]
+        checkpoint_ops.check_prepare(str(chk.name), targets)
+        if chk.name in dom.checkpoints:
+            raise VirError(
+                ErrorNumber.OPERATION_FAILED,
+                ErrorDomain.DOMAIN,
+                f"domain moment {chk.name} already exists",
+            )
+        chk.parent_name = dom.checkpoints.current
+        chk.set_domain(dom.name, dom.uuid, domdisks)
+        return targets
+
+    async def _create_checkpoint(self, dom: Domain, chk: CheckpointDef) -> None:
+        await self.refresh_disks(dom)
+        targets = self._prepare_checkpoint(dom, chk)
+        await checkpoint_ops.create(dom.monitor, str(chk.name), targets)
+        try:
+            dom.checkpoints.add(chk, make_current=True)
+        except VirError as exc:
+            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets)
+            raise VirError(
+                ErrorNumber.INTERNAL_ERROR,
+                ErrorDomain.QEMU,
+                f"unable to save metadata for checkpoint {chk.name}: {exc.message}",
+            ) from None
+
+    async def _redefine_checkpoint(self, dom: Domain, chk: CheckpointDef, validate: bool) -> None:
+        """Metadata only (libvirt's RedefinePrep + Commit); QEMU is only read, to validate.
+
+        It becomes current when its parent is current or no checkpoint is; a name
+        already known is replaced, its children kept.
+        """
+        tree = dom.checkpoints
+        chk.redefine_prep(dom.uuid, tree.parents())
+        make_current = tree.current is None or (
+            chk.parent_name is not None and chk.parent_name == tree.current
+        )
+        if validate:
+            if not dom.monitor.connected:
+                raise _not_running(dom)
+            await self.refresh_disks(dom)
+            nodes = await blockgraph.query_nodes(dom.monitor)
+            checkpoint_ops.validate(
+                self._checkpoint_targets(dom, chk),
+                nodes,
+                f"Checkpoint '{chk.name}' was not redefined. Redefine it without "
+                "REDEFINE_VALIDATE to keep its metadata anyway, or take a full backup "
+                "with a new checkpoint",
+            )
+        tree.add(chk, make_current=make_current)
+
+    def _checkpoint_targets(self, dom: Domain, chk: CheckpointDef) -> list[Any]:
+        """(disk, bitmap) for the checkpoint's bitmap disks still in the domain.
+
+        A disk unplugged since is skipped, as libvirt tolerates it.
+        """
+        domdisks = self._domain_disks(dom)
+        by_name = {d.name: d for d in dom.disks}
+        targets = []
+        for cd in chk.disks:
+            found = disk_by_name(domdisks, cd.name)
+            if cd.checkpoint == BITMAP and cd.bitmap and found is not None:
+                targets.append((by_name[found.name], cd.bitmap))
+        return targets
+
+    def _lookup(self, chk: Checkpoint) -> tuple[Domain, CheckpointDef]:
+        if not isinstance(chk, Checkpoint):
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.NONE,
+                f"expected a Checkpoint, not {type(chk).__name__}",
+            )
+        dom = self._check_domain(chk.domain)
+        return dom, dom.checkpoints.get(chk.name)
+
+    async def domainListAllCheckpoints(self, dom: Domain, flags: int = 0) -> list[Checkpoint]:
+        """The domain's checkpoints, parents before children (ROOTS, LEAVES, NO_LEAVES)."""
+        _check_flags(flags, _LIST_FLAGS | CheckpointListFlags.ROOTS, "domainListAllCheckpoints")
+        self._check_domain(dom)
+        return [Checkpoint(dom, n) for n in dom.checkpoints.names(flags)]
+
+    async def domainCheckpointListAllChildren(
+        self, chk: Checkpoint, flags: int = 0
+    ) -> list[Checkpoint]:
+        """Children of a checkpoint, or with DESCENDANTS everything below it."""
+        _check_flags(
+            flags, _LIST_FLAGS | CheckpointListFlags.DESCENDANTS, "domainCheckpointListAllChildren"
+        )
+        dom, _ = self._lookup(chk)
+        return [Checkpoint(dom, n) for n in dom.checkpoints.names(flags, start=chk.name)]
+
+    async def domainCheckpointLookupByName(
+        self, dom: Domain, name: str, flags: int = 0
+    ) -> Checkpoint:
+        _check_flags(flags, 0, "domainCheckpointLookupByName")
+        self._check_domain(dom)
+        dom.checkpoints.get(name)
+        return Checkpoint(dom, name)
+
+    async def domainCheckpointGetParent(self, chk: Checkpoint, flags: int = 0) -> Checkpoint:
+        _check_flags(flags, 0, "domainCheckpointGetParent")
+        dom, _ = self._lookup(chk)
+        parent = dom.checkpoints.parent(chk.name)
+        if parent is None:
+            raise VirError(
+                ErrorNumber.NO_DOMAIN_CHECKPOINT,
+                ErrorDomain.QEMU,
+                f"checkpoint '{chk.name}' does not have a parent",
+            )
+        return Checkpoint(dom, parent)
+
+    async def domainCheckpointGetXMLDesc(self, chk: Checkpoint, flags: int = 0) -> str:
+        """The checkpoint's XML; with SIZE each disk's bytes written since it."""
+        _check_flags(
+            flags,
+            CheckpointXMLFlags.SECURE | CheckpointXMLFlags.NO_DOMAIN | CheckpointXMLFlags.SIZE,
+            "domainCheckpointGetXMLDesc",
+        )
+        dom, cdef = self._lookup(chk)
+        if not flags & CheckpointXMLFlags.SIZE:
+            return cdef.to_xml(flags)
+        if not dom.monitor.connected:
+            raise _not_running(dom)
+        async with dom.checkpoint_lock:
+            cdef = dom.checkpoints.get(chk.name)
+            await self.refresh_disks(dom)
+            sizes = await checkpoint_ops.dirty_sizes(
+                dom.monitor, self._checkpoint_targets(dom, cdef)
+            )
+        shown = copy.deepcopy(cdef)
+        for cd in shown.disks:
+            cd.size = sizes.get(cd.name)
+        return shown.to_xml(flags)
+
+    async def domainCheckpointDelete(self, chk: Checkpoint, flags: int = 0) -> int:
+        """Delete a checkpoint: its bitmaps in every layer, then its metadata.
+
+        Beyond libvirt 9.0: a bitmap already missing from a disk does not block the
+        delete (that is the state users most need to get out of); what is missing,
+        or had to stay in an implicitly opened backing image, is logged as a warning.
+        """
+        _check_exclusive(flags, CheckpointDeleteFlags.CHILDREN, CheckpointDeleteFlags.CHILDREN_ONLY)
+        _check_flags(
+            flags,
+            CheckpointDeleteFlags.CHILDREN
+            | CheckpointDeleteFlags.METADATA_ONLY
+            | CheckpointDeleteFlags.CHILDREN_ONLY,
+            "domainCheckpointDelete",
+        )
+        dom, _ = self._lookup(chk)
+        metadata_only = bool(flags & CheckpointDeleteFlags.METADATA_ONLY)
+        if not metadata_only:
+            self._check_running(dom, "delete checkpoint")
+        with_children = bool(
+            flags & (CheckpointDeleteFlags.CHILDREN | CheckpointDeleteFlags.CHILDREN_ONLY)
+        )
+        keep_self = bool(flags & CheckpointDeleteFlags.CHILDREN_ONLY)
+        async with dom.checkpoint_lock:
+            tree = dom.checkpoints
+            tree.get(chk.name)
+            below = tree.descendants(chk.name) if with_children else []
+            victims = below + ([] if keep_self else [chk.name])
+            if not metadata_only and victims:
+                await self._delete_bitmaps(dom, victims)
+            if with_children:
+                had_current = tree.current in below
+                for name in below:
+                    tree.remove(name, update_current=False)
+                if had_current:
+                    tree.set_current(chk.name)
+            else:
+                tree.reparent_children(chk.name)
+            if not keep_self:
+                tree.remove(chk.name, update_current=True)
+        return 0
+
+    async def _delete_bitmaps(self, dom: Domain, names: list[str]) -> None:
+        await self.refresh_disks(dom)
+        targets = []
+        for name in names:
+            targets += self._checkpoint_targets(dom, dom.checkpoints.get(name))
+        removal = await checkpoint_ops.delete(dom.monitor, targets)
+        for disk, bitmap in removal.missing:
+            log.warning(
+                "domain %s: bitmap '%s' was already missing from disk '%s'; deleted the "
+                "rest of the checkpoint and its metadata",
+                dom.name,
+                bitmap,
+                disk,
+            )
+        for disk, bitmap, node, image in removal.left:
+            log.warning(
+                "domain %s: bitmap '%s' stays in backing image %s of disk '%s': QEMU opened "
+                "it implicitly (node %s), so it cannot be reopened read-write. Remove it "
+                "with 'qemu-img bitmap --remove %s %s' when no QEMU has the image open",
+                dom.name,
+                bitmap,
+                image,
+                disk,
+                node,
+                image,
+                bitmap,
+            )
 
     # events ---------------------------------------------------------------------------
 

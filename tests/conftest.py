@@ -28,12 +28,15 @@ DEFAULT_FILL: tuple[tuple[int, int, int], ...] = (
 
 @dataclass
 class TestDisk:
+    __test__ = False  # a disk, not a test class, when a test module imports it
+
     name: str
     path: str
     format: str
     size: int
     bus: str = "scsi"
     readonly: bool = False
+    backing: tuple[tuple[str, str], ...] = ()  # (path, format) below path, top first
 
 
 @dataclass
@@ -110,7 +113,10 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
                 path = await make_disk(workdir, name, fmt, size, fill)
                 test_disks[name] = TestDisk(name, path, fmt, size, bus, readonly)
         proc = QemuProcess(
-            [DiskSpec(d.name, d.path, d.format, d.bus, d.readonly) for d in test_disks.values()],
+            [
+                DiskSpec(d.name, d.path, d.format, d.bus, d.readonly, d.backing)
+                for d in test_disks.values()
+            ],
             extra_args=list(extra_args),
         )
         await proc.start()

@@ -1,4 +1,5 @@
-"""Helpers for driver tests: a driver per test, waiting for the end of a job, QEMU leftovers."""
+"""Helpers for driver tests: a driver per test, waiting for the end of a job, QEMU leftovers,
+backup and checkpoint XML, QEMU's bitmaps."""
 
 from __future__ import annotations
 
@@ -80,3 +81,53 @@ NOTHING_LEFT = {"jobs": [], "extra_nodes": [], "exports": [], "temp_bitmaps": []
 
 async def node_names(mon: Monitor) -> set[str]:
     return {n["node-name"] for n in await mon.execute("query-named-block-nodes", {"flat": True})}
+
+
+async def run_backup(
+    driver: Driver, dom: Any, backup_xml: str | None, checkpoint_xml: str | None = None
+) -> dict[str, Any]:
+    """Begin a backup and wait for its end; returns the completed job's stats."""
+    await driver.domainBackupBegin(dom, backup_xml, checkpoint_xml)
+    return await wait_completed(driver, dom)
+
+
+def push_xml(
+    targets: dict[str, str],
+    *,
+    incremental: str | None = None,
+    backing: dict[str, str] | None = None,
+    modes: dict[str, str] | None = None,
+) -> str:
+    """A push <domainbackup> with a target per disk, optional pvb:backing and backupmode."""
+    backing = backing or {}
+    modes = modes or {}
+    disks = []
+    for name, path in targets.items():
+        mode = f" backupmode='{modes[name]}'" if name in modes else ""
+        ref = f" pvb:backing='{backing[name]}'" if name in backing else ""
+        disks.append(f"<disk name='{name}'{mode}><target file='{path}'{ref}/></disk>")
+    inc = f"<incremental>{incremental}</incremental>" if incremental else ""
+    return (
+        "<domainbackup xmlns:pvb='urn:pyvirtbackup:backup:1.0'>"
+        f"{inc}<disks>{''.join(disks)}</disks></domainbackup>"
+    )
+
+
+def checkpoint_xml(name: str, disks: list[str] | None = None) -> str:
+    listed = "".join(f"<disk name='{d}'/>" for d in disks or [])
+    return (
+        f"<domaincheckpoint><name>{name}</name>"
+        + (f"<disks>{listed}</disks>" if disks else "")
+        + "</domaincheckpoint>"
+    )
+
+
+async def bitmaps(mon: Monitor) -> dict[str, dict[str, dict[str, Any]]]:
+    """Node name -> bitmap name -> QEMU's description, for every node with named bitmaps."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for node in await mon.execute("query-named-block-nodes", {"flat": True}):
+        # a running backup's copy-before-write filter holds anonymous bitmaps
+        found = {b["name"]: b for b in node.get("dirty-bitmaps") or [] if b.get("name")}
+        if found:
+            out[node["node-name"]] = found
+    return out

@@ -165,3 +165,25 @@ async def test_killed_cli_process_leaves_a_job_the_next_one_takes_over(vm_factor
         target = xml.split(f"<disk name='{disk}'")[1].split("<target file='")[1].split("'")[0]
         same, msg = await imgtools.compare(refs[disk], target, fmt_a="raw")
         assert same, msg
+
+
+async def test_checkpoint_commands_across_processes(vm_factory, cli):
+    vm = await vm_factory([("vda", "qcow2", 8 * MiB), ("vdb", "qcow2", 8 * MiB)])
+    await cli.ok("attach", "vm1", "--qmp", vm.qmp)
+    res = await cli.ok("checkpoint-create-as", "vm1", "--name", "c1")
+    assert res.out.strip() == "Domain checkpoint c1 created"
+    await cli.ok("checkpoint-create-as", "vm1", "--name", "c2", "--diskspec", "vda")
+    await vm.write("vda", 0x5A, 0, 100 * 1024)
+    listing = (await cli.ok("checkpoint-list", "vm1", "--json")).json()
+    assert [(c["name"], c["parent"]) for c in listing] == [("c1", None), ("c2", "c1")]
+    info = (await cli.ok("checkpoint-info", "vm1", "c1", "--json")).json()
+    assert (info["children"], info["descendants"]) == (1, 1)
+    xml = (await cli.ok("checkpoint-dumpxml", "vm1", "c2", "--size", "--no-domain")).out
+    assert "<disk name='vda' checkpoint='bitmap' bitmap='c2' size='131072'/>" in xml
+    assert "<disk name='vdb' checkpoint='no'/>" in xml
+    res = await cli.ok("checkpoint-delete", "vm1", "c1")
+    assert res.out.strip() == "Domain checkpoint c1 deleted"
+    res = await cli("checkpoint-parent", "vm1", "c2")
+    assert res.rc == 1 and "code 103" in res.err and "does not have a parent" in res.err
+    res = await cli("checkpoint-create-as", "vm1", "--name", "c2")
+    assert res.rc == 1 and "domain moment c2 already exists" in res.err

@@ -248,3 +248,32 @@ def test_bytes_input_and_non_text() -> None:
     with pytest.raises(VirError) as info:
         BackupDef.from_xml(None)  # type: ignore[arg-type]
     assert info.value.code == ErrorNumber.INVALID_ARG
+
+
+def test_pvb_backing_extension() -> None:
+    """Our namespaced backing attributes: any prefix, push only, kept in status XML."""
+    backup = BackupDef.from_xml(
+        "<domainbackup xmlns:x='urn:pyvirtbackup:backup:1.0'><disks>"
+        "<disk name='vda'><target file='/b/vda.inc.qcow2' x:backing='vda.full.qcow2'/></disk>"
+        "</disks></domainbackup>"
+    )
+    vda = backup.disks[0]
+    assert (vda.backing, vda.backing_format) == ("vda.full.qcow2", None)
+    out = backup.to_xml()
+    assert "<domainbackup mode='push' xmlns:pvb='urn:pyvirtbackup:backup:1.0'>" in out
+    assert "pvb:backing='vda.full.qcow2'" in out
+    vda.state = "running"
+    status = BackupDef.from_xml(backup.to_xml(internal=True), internal=True)
+    assert status.disks[0].backing == "vda.full.qcow2"
+    # the status form has no schema: the code refuses what the schema would
+    with pytest.raises(VirError) as info:
+        BackupDef.from_xml(
+            "<domainbackup xmlns:pvb='urn:pyvirtbackup:backup:1.0'><disks>"
+            "<disk name='vda' state='running'><target file='/b/i' pvb:backing-format='qcow2'/>"
+            "</disk></disks></domainbackup>",
+            internal=True,
+        )
+    assert info.value.code == ErrorNumber.XML_ERROR
+    assert "pvb:backing-format without pvb:backing for disk 'vda'" in info.value.message
+    # without the extension nothing changes in libvirt's own output
+    assert "xmlns" not in BackupDef.from_xml("<domainbackup/>").to_xml()

@@ -1,11 +1,10 @@
 """Incremental pull at the qemu layer: the dirty bitmap an export carries.
 
-The driver refuses incremental backups until it knows checkpoints (issue 4, on
-another branch). This drives the planner and the job directly, with a bitmap the
-test adds the way a checkpoint will, to show that the NBD side is ready: the
-``qemu:dirty-bitmap:`` context shows exactly the areas written since the bitmap
-was made, and nothing the guest writes after begin. The driver-level test and the
-example's incremental path come with the checkpoints.
+This drives the planner and the job directly, with a bitmap the test adds the way
+a checkpoint does, to show the NBD side alone: the ``qemu:dirty-bitmap:`` context
+shows exactly the areas written since the bitmap was made, and nothing the guest
+writes after begin. The driver-level test, with real checkpoints, is in
+test_incremental.py.
 """
 
 from __future__ import annotations

@@ -80,6 +80,12 @@ class Bitmap:
 
 @dataclass
 class BlockNode:
+    """A node of query-named-block-nodes(flat).
+
+    ``backing_file``, ``cache`` and ``detect_zeroes`` are kept because reopening a
+    node (to edit bitmaps in a read-only backing layer) must restate its options.
+    """
+
     name: str
     driver: str
     filename: str
@@ -87,6 +93,14 @@ class BlockNode:
     virtual_size: int
     cluster_size: int | None
     bitmaps: dict[str, Bitmap] = field(default_factory=dict)
+    backing_file: str | None = None
+    cache: dict[str, bool] = field(default_factory=dict)
+    detect_zeroes: str | None = None
+
+    @property
+    def implicit(self) -> bool:
+        """QEMU named it itself (``#block123``): opened from an image header, not by us."""
+        return self.name.startswith("#")
 
 
 @dataclass
@@ -122,6 +136,9 @@ def parse_nodes(named_nodes: list[dict[str, Any]]) -> dict[str, BlockNode]:
             readonly=bool(raw.get("ro", False)),
             virtual_size=int(image.get("virtual-size", 0)),
             cluster_size=image.get("cluster-size"),
+            backing_file=raw.get("backing_file"),
+            cache=dict(raw.get("cache") or {}),
+            detect_zeroes=raw.get("detect_zeroes"),
         )
         for bm in raw.get("dirty-bitmaps") or []:
             node.bitmaps[bm.get("name", "")] = Bitmap.from_qmp(name, bm)

@@ -628,6 +628,10 @@ class BackupJob:
         if not running and not self.done.is_set():
             await self._terminate()
         for jid in running:
+            # a disk may have concluded while we awaited the previous cancel: its
+            # final state must not be overwritten, or the job never terminates
+            if self.disks[jid].state != RUNNING:
+                continue
             self.disks[jid].state = CANCELLING
             try:
                 await self.mon.execute("block-job-cancel", {"device": jid, "force": True})

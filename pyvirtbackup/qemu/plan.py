@@ -287,14 +287,26 @@ def checkpoint_bitmap_actions(name: str, disks: list[Disk]) -> list[dict[str, An
     ]
 
 
-def inconsistent_error(disk: str, bitmap: str, problem: str) -> VirError:
+def inconsistent_error(
+    disk: str, bitmap: str, problem: str, way_out: str | None = None
+) -> VirError:
+    """libvirt's "missing or broken bitmap" (109), plus why and what to do about it.
+
+    The default way out is the one for a checkpoint whose bitmap is gone or broken
+    (QEMU killed, bitmap removed by hand): a user who hits it needs the next step,
+    not only the diagnosis.
+    """
+    if way_out is None:
+        way_out = (
+            f"Way out: delete checkpoint '{bitmap}' (domainCheckpointDelete removes its "
+            "bitmaps, broken ones included, and its metadata; or delete it with "
+            "METADATA_ONLY and remove the bitmap yourself with block-dirty-bitmap-remove), "
+            "then take a full backup with a new checkpoint"
+        )
     return VirError(
         ErrorNumber.CHECKPOINT_INCONSISTENT,
         ErrorDomain.QEMU,
-        f"missing or broken bitmap '{bitmap}' for disk '{disk}': {problem}. Way out: delete "
-        f"checkpoint '{bitmap}' (domainCheckpointDelete with METADATA_ONLY if its bitmaps are "
-        f"gone, or remove the bitmap with block-dirty-bitmap-remove), then take a full backup "
-        f"with a new checkpoint",
+        f"missing or broken bitmap '{bitmap}' for disk '{disk}': {problem}. {way_out}",
     )
 
 

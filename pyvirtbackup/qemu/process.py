@@ -30,7 +30,10 @@ class DiskSpec:
     """A disk to attach: ``name`` becomes the device id (libvirt's target dev).
 
     ``path=None`` attaches an empty CD-ROM drive (a disk with no medium), which is
-    what libvirt calls an empty disk.
+    what libvirt calls an empty disk. ``backing`` lists the images below ``path``
+    as (path, format), top first: each gets its own read-only ``-blockdev`` nodes
+    with names, as libvirt opens chains, instead of QEMU opening them implicitly
+    from the image headers.
     """
 
     name: str
@@ -38,6 +41,7 @@ class DiskSpec:
     format: str = "qcow2"
     bus: str = "scsi"
     readonly: bool = False
+    backing: tuple[tuple[str, str], ...] = ()
 
     @property
     def node(self) -> str:
@@ -72,6 +76,30 @@ def _device(d: DiskSpec, ide_unit: int) -> str:
     return dev if empty else f"{dev},drive={d.node}"
 
 
+def _backing_args(d: DiskSpec) -> list[str]:
+    """Named read-only nodes for a disk's backing chain, bottom first (each refers down)."""
+    args: list[str] = []
+    depth = len(d.backing)
+    for i in range(depth, 0, -1):
+        path, fmt = d.backing[i - 1]
+        file_node = {
+            "driver": "file",
+            "filename": path,
+            "node-name": f"{d.name}-b{i}-file",
+            "read-only": True,
+        }
+        fmt_node: dict[str, object] = {
+            "driver": fmt,
+            "file": file_node["node-name"],
+            "node-name": f"{d.name}-b{i}-fmt",
+            "read-only": True,
+        }
+        if fmt == "qcow2":
+            fmt_node["backing"] = f"{d.name}-b{i + 1}-fmt" if i < depth else None
+        args += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node)]
+    return args
+
+
 def _disk_args(disks: list[DiskSpec]) -> list[str]:
     args: list[str] = []
     if any(d.bus == "scsi" for d in disks):
@@ -93,6 +121,9 @@ def _disk_args(disks: list[DiskSpec]) -> list[str]:
                 "node-name": d.node,
                 "read-only": d.readonly,
             }
+            if d.backing:
+                fmt_node["backing"] = f"{d.name}-b1-fmt"
+            args += _backing_args(d)
             args += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node)]
         args += ["-device", _device(d, ide_unit)]
         if d.bus == "ide":

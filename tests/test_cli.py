@@ -187,3 +187,147 @@ async def test_checkpoint_commands_across_processes(vm_factory, cli):
     assert res.rc == 1 and "code 103" in res.err and "does not have a parent" in res.err
     res = await cli("checkpoint-create-as", "vm1", "--name", "c2")
     assert res.rc == 1 and "domain moment c2 already exists" in res.err
+
+
+async def test_checkpoint_listing_options_and_deletes(vm_factory, cli, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 8 * MiB)])
+    await cli.ok("attach", "vm1", "--qmp", vm.qmp)
+    xml = await cli.ok(
+        "checkpoint-create-as",
+        "vm1",
+        "--name",
+        "c1",
+        "--description",
+        "first & <best>",
+        "--diskspec",
+        "vda,checkpoint=bitmap",
+        "--print-xml",
+    )
+    assert xml.out == (
+        "<domaincheckpoint>\n"
+        "  <name>c1</name>\n"
+        "  <description>first &amp; &lt;best&gt;</description>\n"
+        "  <disks>\n"
+        "    <disk name='vda' checkpoint='bitmap'/>\n"
+        "  </disks>\n"
+        "</domaincheckpoint>\n"
+    )
+    assert (await cli.ok("checkpoint-list", "vm1", "--name")).out == ""  # print-xml made nothing
+    path = tmp_path / "c1.xml"
+    path.write_text(xml.out)
+    res = await cli.ok("checkpoint-create", "vm1", "--xmlfile", str(path))
+    assert res.out.strip() == f"Domain checkpoint c1 created from '{path}'"
+    for name in ("c2", "c3"):
+        await cli.ok("checkpoint-create-as", "vm1", "--name", name)
+    # c2 and c3 are a chain below c1; make a second branch c4 below c1
+    saved = (await cli.ok("checkpoint-dumpxml", "vm1", "c3", "--security-info")).out
+    assert "<domain" in saved and "<parent>" in saved
+    (tmp_path / "c3.xml").write_text(saved)
+    await cli.ok("checkpoint-delete", "vm1", "c3", "--metadata")
+    await cli.ok(
+        "checkpoint-create",
+        "vm1",
+        "--xmlfile",
+        str(tmp_path / "c3.xml"),
+        "--redefine",
+        "--redefine-validate",
+    )
+    assert (await cli.ok("checkpoint-parent", "vm1", "c3")).out.strip() == "c2"
+
+    tree = (await cli.ok("checkpoint-list", "vm1", "--tree")).out
+    assert tree == "c1\n  |\n  +- c2\n      |\n      +- c3\n"
+    assert (await cli.ok("checkpoint-list", "vm1", "--roots", "--name")).out == "c1\n"
+    assert (await cli.ok("checkpoint-list", "vm1", "--leaves", "--name")).out == "c3\n"
+    assert (await cli.ok("checkpoint-list", "vm1", "--topological", "--name")).out == "c1\nc2\nc3\n"
+    desc = await cli.ok("checkpoint-list", "vm1", "--from", "c1", "--descendants", "--name")
+    assert desc.out == "c2\nc3\n"
+    table = (await cli.ok("checkpoint-list", "vm1", "--parent")).out.splitlines()
+    assert table[0].split() == ["Name", "Creation", "Time", "Parent"]
+    assert table[2].split()[0] == "c1" and table[3].split()[-1] == "c1"
+    res = await cli("checkpoint-list", "vm1", "--tree", "--name")
+    assert res.rc == 2
+    info = (await cli.ok("checkpoint-info", "vm1", "c2")).out
+    assert "Parent:         c1" in info and "Children:       1" in info
+
+    res = await cli.ok("checkpoint-delete", "vm1", "c1", "--children-only")
+    assert res.out.strip() == "Domain checkpoint c1 children deleted"
+    assert (await cli.ok("checkpoint-list", "vm1", "--name")).out == "c1\n"
+    await cli.ok("checkpoint-create-as", "vm1", "--name", "c5")
+    await cli.ok("checkpoint-delete", "vm1", "c1", "--children")
+    assert (await cli.ok("checkpoint-list", "vm1", "--name")).out == ""
+    nodes = await vm.mon.execute("query-named-block-nodes", {"flat": True})
+    assert [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])] == []
+
+
+async def test_full_and_incremental_backup_with_the_cli(vm_factory, cli, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    await cli.ok("attach", "vm1", "--qmp", vm.qmp)
+    full = tmp_path / "full.qcow2"
+    (tmp_path / "full.xml").write_text(
+        f"<domainbackup><disks><disk name='vda'><target file='{full}'/></disk></disks>"
+        "</domainbackup>"
+    )
+    (tmp_path / "c1.xml").write_text("<domaincheckpoint><name>c1</name></domaincheckpoint>")
+    ref1 = await vm.snapshot("vda", str(tmp_path / "ref1"))
+    await cli.ok(
+        "backup-begin",
+        "vm1",
+        "--backupxml",
+        str(tmp_path / "full.xml"),
+        "--checkpointxml",
+        str(tmp_path / "c1.xml"),
+        "--wait",
+    )
+    assert (await cli.ok("checkpoint-list", "vm1", "--name")).out == "c1\n"
+    await vm.write("vda", 0x42, 3 * MiB, 256 * 1024)
+    inc = tmp_path / "inc.qcow2"
+    (tmp_path / "inc.xml").write_text(
+        "<domainbackup xmlns:pvb='urn:pyvirtbackup:backup:1.0'><incremental>c1</incremental>"
+        f"<disks><disk name='vda'><target file='{inc}' pvb:backing='{full}'/></disk></disks>"
+        "</domainbackup>"
+    )
+    (tmp_path / "c2.xml").write_text("<domaincheckpoint><name>c2</name></domaincheckpoint>")
+    ref2 = await vm.snapshot("vda", str(tmp_path / "ref2"))
+    res = await cli.ok(
+        "backup-begin",
+        "vm1",
+        "--backupxml",
+        str(tmp_path / "inc.xml"),
+        "--checkpointxml",
+        str(tmp_path / "c2.xml"),
+        "--wait",
+    )
+    assert "Job type:         Completed" in res.out
+    assert (await cli.ok("checkpoint-list", "vm1", "--name")).out == "c1\nc2\n"
+    for ref, img in ((ref1, full), (ref2, inc)):
+        same, msg = await imgtools.compare(ref, str(img), fmt_a="raw")
+        assert same, msg
+
+
+async def test_killed_cli_during_a_pull_then_abort_from_another(vm_factory, cli, tmp_path):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    before = await node_names(vm.mon)
+    sock = tmp_path / "nbd.sock"
+    scratch = tmp_path / "vda.scratch"
+    (tmp_path / "pull.xml").write_text(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/>"
+        f"<disks><disk name='vda'><scratch file='{scratch}'/></disk></disks></domainbackup>"
+    )
+    await cli.ok("attach", "vm1", "--qmp", vm.qmp)
+    proc = await cli.start(
+        "backup-begin", "vm1", "--backupxml", str(tmp_path / "pull.xml"), "--wait"
+    )
+    first = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert first.decode().strip() == "Backup started"
+    await vm.write("vda", 0x55, 0, 1 * MiB)  # copied to the scratch before it lands
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+    info = (await cli.ok("domjobinfo", "vm1", "--json")).json()
+    assert info["type"] == 2 and info["disk_temp_used"] >= 1 * MiB
+    assert sock.exists() and scratch.exists()
+    await cli.ok("domjobabort", "vm1")
+    done = (await cli.ok("domjobinfo", "vm1", "--completed", "--json")).json()
+    assert done["type"] == 3 and done["success"] is True
+    assert not sock.exists() and not scratch.exists()
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT

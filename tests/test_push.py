@@ -450,3 +450,28 @@ async def test_refused_transaction_rolls_back_and_keeps_the_callers_file(
     assert target.read_bytes() == content, "a file we did not create must not change"
     assert await leftovers(vm.mon, before) == NOTHING_LEFT
     assert dom.job is None
+
+
+async def test_sparse_disk_backup_follows_the_data(vm_factory, driver, tmp_path):
+    # 8 GiB virtual, 3 MiB written: the target holds the data, not L2 tables for 8 GiB
+    vm = await vm_factory(
+        [("vda", "qcow2", 8192 * MiB)], fill=[(0x21, 0, MiB), (0x22, 5000 * MiB, 2 * MiB)]
+    )
+    dom = await driver.attach("vm1", vm.qmp)
+    target = tmp_path / "sparse.qcow2"
+    xml = (
+        "<domainbackup><disks>"
+        f"<disk name='vda'><target file='{target}'/></disk>"
+        "</disks></domainbackup>"
+    )
+    events = EventLog()
+    await events.register(driver, dom)
+    await driver.domainBackupBegin(dom, xml)
+    final = await events.wait()
+    assert final["success"] is True
+    assert final["disk_total"] == final["disk_processed"] == 8192 * MiB
+    allocated = target.stat().st_blocks * 512
+    assert allocated < 8 * MiB, f"target allocates {allocated} bytes for 3 MiB of data"
+    await vm.quit()
+    same, msg = await imgtools.compare(vm.disks["vda"].path, str(target))
+    assert same, msg

@@ -65,6 +65,20 @@ class Callbacks:
     finished: Callable[[JobResult], Awaitable[None] | None] | None = None
 
 
+def _progress(dp: DiskPlan, qjob: dict[str, Any]) -> tuple[int, int]:
+    """(processed, total) of one disk's job, as libvirt users read them.
+
+    A ``sync=top`` job drops what it skips from QEMU's total; users of a full
+    backup expect the disk's size there, so skipped bytes count as processed.
+    """
+    current = int(qjob.get("current-progress", 0))
+    total = int(qjob.get("total-progress", 0))
+    if dp.sync == "top":
+        remaining = max(total - current, 0)
+        return max(dp.size - remaining, 0), dp.size
+    return current, total
+
+
 def _exists_error(path: str, disk: str) -> VirError:
     return VirError(
         ErrorNumber.INVALID_ARG, ErrorDomain.QEMU, f"store '{path}' for backup of '{disk}' exists"
@@ -126,8 +140,9 @@ class BackupJob:
         current = total = 0
         for jid, d in self.disks.items():
             if d.state == RUNNING and jid in live:
-                current += int(live[jid].get("current-progress", 0))
-                total += int(live[jid].get("total-progress", 0))
+                cur, tot = _progress(d.plan, live[jid])
+                current += cur
+                total += tot
             else:
                 current += d.current
                 total += d.total
@@ -482,8 +497,8 @@ class BackupJob:
                         info = j
             with contextlib.suppress(VirError):
                 await self.mon.execute("job-dismiss", {"id": jid})
-        d.current = int(info.get("current-progress", d.current))
-        d.total = int(info.get("total-progress", d.total))
+        if info:
+            d.current, d.total = _progress(d.plan, info)
         error = info.get("error")
         if d.state == CANCELLING or (self.cancel_requested and error):
             d.state = CANCELLED
@@ -565,9 +580,10 @@ class BackupJob:
             return
         self._terminating = True
         final = self.final_type()
+        # libvirt's rule (qemuBackupJobTerminate): a push keeps the targets we made
+        # only if the whole backup completed; a half backup is no backup
+        keep = self.mode == "push" and final == JobType.COMPLETED
         for dp in self.plan.disks:
-            d = self.disks[dp.job_id]
-            keep = self.mode == "push" and d.state == COMPLETE
             if dp.path in self.created_files and not keep:
                 self._remove_file(dp.path)
         if self.listener is not None:

@@ -253,6 +253,25 @@ def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
     return steps
 
 
+def skips_unallocated_safely(src: Disk, dp: DiskPlan) -> bool:
+    """May a full push copy only what the source image has allocated (``sync=top``)?
+
+    With ``sync=full`` QEMU writes zeroes for every unallocated range, and a qcow2
+    target allocates L2 tables for all of them: a 1 TiB disk holding 256 MiB took
+    6.4 s and 384 MiB, against 0.74 s and 256 MiB with ``top`` (benchmarks/).
+    ``top`` is the same backup when the source is one qcow2 layer (nothing below
+    it shows through) and the store is new, so what is skipped already reads as
+    zeros there; a reused target or a raw block device may hold old data, and a
+    raw source counts as allocated everywhere anyway.
+    """
+    return (
+        src.format == "qcow2"
+        and len(src.chain) == 1
+        and dp.create_format
+        and (dp.fmt != "raw" or dp.store_type == "file")
+    )
+
+
 def backup_action(dp: DiskPlan, tuning: Tuning) -> dict[str, Any]:
     data: dict[str, Any] = {
         "device": dp.source_node,
@@ -372,6 +391,8 @@ def plan_backup(
             cluster_size=src.cluster_size if src.format == "qcow2" else None,
             sync="none" if mode == "pull" else ("incremental" if incremental else "full"),
         )
+        if dp.sync == "full" and skips_unallocated_safely(src, dp):
+            dp.sync = "top"
         store_id += 1
         if mode == "pull" or (incremental and pd.fmt in FORMATS_WITH_BACKING):
             if pd.backing_file and mode == "push":

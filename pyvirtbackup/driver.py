@@ -146,6 +146,7 @@ class Domain:
     qmp: Address
     monitor: Monitor = field(repr=False)
     disks: list[Disk] = field(default_factory=list, repr=False)
+    nodes: dict[str, blockgraph.BlockNode] = field(default_factory=dict, repr=False)
     disk_nodes: dict[str, str] | None = field(default=None, repr=False)
     job: BackupJob | None = field(default=None, repr=False)
     job_def: BackupDef | None = field(default=None, repr=False)
@@ -224,7 +225,7 @@ class Driver:
         mon = Monitor(f"pyvirtbackup-{name}")
         await mon.connect(qmp, timeout=self.connect_timeout)
         try:
-            found = await self._discover(mon, disks)
+            found, nodes = await self._discover(mon, disks)
             dstate = self.state.domain(name)
             record = dstate.read_record() or {}
             dom_uuid = record.get("uuid") or await self._qemu_uuid(mon)
@@ -240,7 +241,7 @@ class Driver:
         except BaseException:
             await mon.close()
             raise
-        dom = Domain(name, dom_uuid, qmp, mon, found, dict(disks) if disks else None)
+        dom = Domain(name, dom_uuid, qmp, mon, found, nodes, dict(disks) if disks else None)
         dom.completed = dstate.read_completed()
         dom.checkpoints = CheckpointTree.load(dstate)
         self.domains[name] = dom
@@ -258,16 +259,19 @@ class Driver:
                 return value
         return str(uuidlib.uuid4())
 
-    async def _discover(self, mon: Monitor, mapping: Mapping[str, str] | None) -> list[Disk]:
+    async def _discover(
+        self, mon: Monitor, mapping: Mapping[str, str] | None
+    ) -> tuple[list[Disk], dict[str, blockgraph.BlockNode]]:
         query_block = await mon.execute("query-block")
         named = await mon.execute("query-named-block-nodes", {"flat": True})
         found = blockgraph.parse_disks(query_block, named)
         if mapping:
-            return blockgraph.disks_from_mapping(mapping, found, named)
-        return found
+            found = blockgraph.disks_from_mapping(mapping, found, named)
+        return found, blockgraph.parse_nodes(named)
 
     async def refresh_disks(self, dom: Domain) -> list[Disk]:
-        dom.disks = await self._discover(dom.monitor, dom.disk_nodes)
+        """Read the disks and block nodes again (guests get disks hot-plugged)."""
+        dom.disks, dom.nodes = await self._discover(dom.monitor, dom.disk_nodes)
         return dom.disks
 
     async def detach(self, dom: Domain) -> None:
@@ -697,7 +701,7 @@ class Driver:
                     backing_fmt=d.backing_format,
                 )
             )
-        nodes = await blockgraph.query_nodes(dom.monitor)
+        nodes = dom.nodes  # read by refresh_disks at the start of this begin
         actions: list[dict[str, Any]] = []
         if chk is not None:
             checkpoint_ops.check_free(targets or [], nodes)

@@ -475,3 +475,25 @@ async def test_sparse_disk_backup_follows_the_data(vm_factory, driver, tmp_path)
     await vm.quit()
     same, msg = await imgtools.compare(vm.disks["vda"].path, str(target))
     assert same, msg
+
+
+async def test_target_that_cannot_be_formatted_is_reported_and_removed(
+    vm_factory, driver, tmp_path
+):
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    dom = await driver.attach("vm1", vm.qmp)
+    before = await node_names(vm.mon)
+    with small_tmpfs(tmp_path / "full", "64k") as full:
+        (full / "filler").write_bytes(b"x" * 64 * 1024)
+        xml = (
+            "<domainbackup><disks>"
+            f"<disk name='vda'><target file='{full}/vda.qcow2'/></disk>"
+            "</disks></domainbackup>"
+        )
+        with pytest.raises(VirError) as exc:
+            await driver.domainBackupBegin(dom, xml)
+        assert exc.value.code == ErrorNumber.OPERATION_FAILED
+        assert "failed to format image" in str(exc.value)
+        assert "No space left on device" in str(exc.value)
+        assert os.listdir(full) == ["filler"]
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT

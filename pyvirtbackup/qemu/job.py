@@ -114,6 +114,7 @@ class BackupJob:
         self.first_error: str | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._waiters: dict[str, asyncio.Future[str]] = {}
+        self._aborting: set[str] = set()
         self._handler: int | None = None
         self._worker: asyncio.Task[None] | None = None
         self._terminating = False
@@ -412,9 +413,11 @@ class BackupJob:
         self._waiters[jid] = fut
         try:
             await self.mon.execute(step.command, step.args)
-            await asyncio.wait_for(fut, CREATE_TIMEOUT)
-            jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
-            error = jobs.get(jid, {}).get("error")
+            outcome = await asyncio.wait_for(fut, CREATE_TIMEOUT)
+            error = None
+            if outcome == "aborted":  # only then is there an error to fetch
+                jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
+                error = jobs.get(jid, {}).get("error") or "the job was aborted"
             await self.mon.execute("job-dismiss", {"id": jid})
         except TimeoutError:
             with contextlib.suppress(VirError):
@@ -445,10 +448,14 @@ class BackupJob:
         name = event.get("event")
         if name == "JOB_STATUS_CHANGE":
             jid = data.get("id")
-            if data.get("status") == "concluded" and jid in self._waiters:
-                fut = self._waiters[jid]
-                if not fut.done():
-                    fut.set_result("concluded")
+            if jid in self._waiters:
+                # a job that fails passes through "aborting"; one that succeeds never does
+                if data.get("status") == "aborting":
+                    self._aborting.add(jid)
+                elif data.get("status") == "concluded":
+                    fut = self._waiters[jid]
+                    if not fut.done():
+                        fut.set_result("aborted" if jid in self._aborting else "ok")
                 return
             if jid in self.disks:
                 self._events.put_nowait(event)

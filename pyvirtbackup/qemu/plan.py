@@ -34,6 +34,7 @@ class Tuning:
 
     max_workers: int | None = 8
     max_chunk: int | None = None
+    use_copy_range: bool | None = None
     speed: int = 0
     target_cache_direct: bool | None = None
     detect_zeroes: str | None = None
@@ -290,6 +291,8 @@ def backup_action(dp: DiskPlan, tuning: Tuning) -> dict[str, Any]:
         perf["max-workers"] = tuning.max_workers
     if tuning.max_chunk is not None:
         perf["max-chunk"] = tuning.max_chunk
+    if tuning.use_copy_range is not None:
+        perf["use-copy-range"] = tuning.use_copy_range
     if perf:
         data["x-perf"] = perf
     return {"type": "blockdev-backup", "data": data}

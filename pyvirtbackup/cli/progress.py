@@ -37,6 +37,8 @@ class Progress:
         if "disk_total" in stats:
             total, done = stats["disk_total"], stats["disk_processed"]
             rate = self.rate(now, done)
+            if rate <= 0 and stats.get("time_elapsed"):  # one sample so far: since the start
+                rate = done / (stats["time_elapsed"] / 1000)
             pct = 100.0 * done / total if total else 0.0
             eta = _hms((total - done) / rate) if rate > 0 else "-:--:--"
             filled = int(self.width * pct / 100)

@@ -79,3 +79,27 @@ def test_orchestrator_backs_up_two_vms_twice():
     assert out.count("success=True") == 4, out
     assert "success=False" not in out, out
     assert out.count("checkpoints ['c1', 'c2']") == 2, out
+
+
+def test_cli_chain_script():
+    """The shell example: attach, full + c1, incremental + c2, the chain opens as it is."""
+    proc = subprocess.run(
+        ["sh", str(EXAMPLES / "cli_chain.sh")],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "PY": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.count("Success:          yes") == 3, out  # two --wait, one domjobinfo
+    assert "size='8388608'" in out, out
+    assert "c1\n  |\n  +- c2\n" in out, out
+    assert out.rstrip().endswith("Images are identical."), out
+
+
+def test_push_demo_small():
+    out = run_example("push_backup.py", "--size-mib", "32")
+    assert out.count("identical to the disk at begin") == 2, out

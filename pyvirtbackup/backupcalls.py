@@ -1,0 +1,487 @@
+"""The backup half of the driver table: begin (push and pull, with a checkpoint in
+the same transaction), the job's life and its record, GetXMLDesc, stats, abort.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .checkpointcalls import CheckpointCalls
+from .conf import BackupDef, BackupServer, CheckpointDef
+from .conf.checkpoint import BITMAP, disk_by_name
+from .driverbase import (
+    PORT_PICK_ATTEMPTS,
+    Domain,
+    PreparedBackup,
+    check_backing,
+    check_flags,
+)
+from .enums import (
+    AbortJobFlags,
+    BackupBeginFlags,
+    BlockJobStatus,
+    BlockJobType,
+    DomainEventID,
+    JobStatsFlags,
+    JobType,
+)
+from .errors import ErrorDomain, ErrorNumber, VirError
+from .qemu import checkpoint_ops, listen, nbd
+from .qemu.job import BackupJob, Callbacks, JobResult
+from .qemu.listen import Listener
+from .qemu.plan import (
+    DiskPlan,
+    Plan,
+    PlanDisk,
+    Tuning,
+    inconsistent_error,
+    next_store_id,
+    plan_backup,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BackupCalls(CheckpointCalls):
+    """libvirt's virDomainBackup* entry points, job stats and abort."""
+
+    # backup ---------------------------------------------------------------------------
+
+    async def domainBackupBegin(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None = None,
+        flags: int = 0,
+        *,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+    ) -> int:
+        """Start a backup (virDomainBackupBegin); returns once every disk's job runs.
+
+        With ``checkpoint_xml`` the checkpoint's bitmaps are added in the backup's
+        own transaction, so the checkpoint and the backup are the same instant.
+        """
+        self._check_begin_args(dom, flags)
+        if dom.job is not None or dom.begin_lock.locked():
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.QEMU,
+                f"another backup job is already running on domain '{dom.name}'",
+            )
+        async with dom.begin_lock, dom.checkpoint_lock:
+            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+            try:
+                job = await self._start_prepared(dom, prep)
+            except BaseException:
+                if prep.chk is not None:  # the transaction may have run before the failure
+                    await checkpoint_ops.remove_new(dom.monitor, str(prep.chk.name), prep.targets)
+                raise
+            if prep.chk is not None:
+                await self._record_begin_checkpoint(dom, job, prep.chk, prep.targets)
+            self._save_job(dom)
+        return 0
+
+    async def backup_dry_run(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None = None,
+        flags: int = 0,
+        *,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The commands domainBackupBegin would run, in order; nothing is changed.
+
+        Only queries reach QEMU and no socket is bound (a port still to be picked
+        shows as 0). Every check begin makes before touching anything is made here
+        too, so a dry run that succeeds means begin would get that far.
+        """
+        self._check_begin_args(dom, flags)
+        async with dom.checkpoint_lock:
+            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+        if prep.bdef.is_pull:
+            self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls, bind=False)
+        return prep.plan.describe()
+
+    def _check_begin_args(self, dom: Domain, flags: int) -> None:
+        check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        self._check_domain(dom)
+
+    async def _prepare_backup(
+        self,
+        dom: Domain,
+        backup_xml: str | None,
+        checkpoint_xml: str | None,
+        flags: int,
+        tuning: Tuning | Mapping[str, Any] | None,
+    ) -> PreparedBackup:
+        """Parse, align and plan: everything of begin that changes nothing."""
+        reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
+        bdef = BackupDef.from_xml(backup_xml or "<domainbackup/>")
+        chk = CheckpointDef.from_xml(checkpoint_xml) if checkpoint_xml is not None else None
+        self._check_running(dom, "perform disk backup")
+        job_tuning = self.tuning.merged(tuning)
+        await self.refresh_disks(dom)
+        # libvirt names generated targets after the checkpoint made with them
+        suffix = chk.name if chk is not None else str(int(time.time()))
+        bdef.align_disks(self._domain_disks(dom), suffix=suffix)
+        targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
+        self._check_incremental_sources(dom, bdef)
+        tls = self._pull_prepare(bdef) if bdef.is_pull else None
+        plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets)
+        return PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets)
+
+    async def _start_prepared(self, dom: Domain, prep: PreparedBackup) -> BackupJob:
+        """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
+        server = prep.bdef.server
+        pick_port = prep.bdef.is_pull and server is not None and server.port is None
+        attempt = 1
+        while True:
+            listener = (
+                self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls) if prep.bdef.is_pull else None
+            )
+            try:
+                return await self._start_job(dom, prep.bdef, prep.plan, listener)
+            except VirError as exc:
+                retry = (
+                    pick_port
+                    and not dom.monitor.can_pass_fds
+                    and "Address already in use" in exc.message
+                    and attempt < PORT_PICK_ATTEMPTS
+                )
+                if not retry:
+                    raise
+                log.info("picked NBD port was taken meanwhile; trying another: %s", exc)
+                attempt += 1
+                assert server is not None
+                server.port = None
+                prep.plan = await self._plan(
+                    dom, prep.bdef, prep.reuse, prep.tuning, prep.chk, prep.targets
+                )
+
+    async def _start_job(
+        self, dom: Domain, bdef: BackupDef, plan: Plan, listener: Listener | None
+    ) -> BackupJob:
+        job = BackupJob(dom.monitor, plan, listener=listener)
+        job.callbacks = self._job_callbacks(dom, job)
+        dom.job, dom.job_def = job, bdef
+        try:
+            await job.start()
+        except BaseException:
+            if dom.job is job:
+                dom.job = dom.job_def = None
+            raise
+        return job
+
+    def _pull_prepare(self, bdef: BackupDef) -> nbd.TlsCreds | None:
+        """Pull checks that need no QEMU: where to listen, and the TLS files.
+
+        libvirt refuses tcp without a port; we pick a free one instead (and
+        GetXMLDesc shows it). Certificates are checked here, before any scratch
+        image exists, where libvirt 9.0 finds a missing one only inside QEMU.
+        """
+        if bdef.server is None:
+            bdef.server = BackupServer(transport="tcp", name="localhost")
+        server = bdef.server
+        if server.transport not in ("tcp", "unix"):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"transport '{server.transport}' for <server> is not supported; "
+                "use transport='tcp' or transport='unix'",
+            )
+        if not server.tls:
+            return None
+        nbd.check_tls_dir(self.tls_x509_cert_dir)
+        bdef.tls_alias = nbd.TLS_ALIAS
+        return nbd.TlsCreds(self.tls_x509_cert_dir, self.tls_x509_verify, nbd.TLS_ALIAS)
+
+    def _nbd_listen(
+        self,
+        dom: Domain,
+        bdef: BackupDef,
+        plan: Plan,
+        tls: nbd.TlsCreds | None,
+        *,
+        bind: bool = True,
+    ) -> Listener:
+        """Bind the NBD server's socket and add the server and export steps.
+
+        Over a unix monitor we bind the socket and hand it to QEMU (race-free
+        port, owner-only unix socket); over a TCP monitor QEMU binds it and we
+        narrow a unix socket's mode before any export exists.
+        """
+        server = bdef.server
+        assert server is not None
+        nbd.check_export_names(plan)
+        if not bind:  # a dry run: the same steps, no socket
+            if dom.monitor.can_pass_fds:
+                address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+            elif server.transport == "unix":
+                address = nbd.unix_address(server.socket or "")
+            else:
+                address = nbd.inet_address(server.name or "", server.port or 0)
+            nbd.add_pull_steps(plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds)
+            return Listener(
+                server.transport, host=server.name, port=server.port, path=server.socket
+            )
+        if dom.monitor.can_pass_fds:
+            if server.transport == "unix":
+                assert server.socket is not None
+                listener = listen.listen_unix(server.socket, self.nbd_socket_mode)
+            else:
+                assert server.name is not None
+                listener = listen.listen_tcp(server.name, server.port)
+                server.port = listener.port
+            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
+            return listener
+        if server.transport == "unix":
+            assert server.socket is not None
+            listen.check_unix_path(server.socket)
+            nbd.add_pull_steps(
+                plan,
+                nbd.unix_address(server.socket),
+                tls=tls,
+                chmod=(server.socket, self.nbd_socket_mode),
+            )
+            return Listener("unix", path=server.socket)
+        assert server.name is not None
+        server.port = server.port or listen.pick_tcp_port(server.name)
+        nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
+        return Listener("tcp", host=server.name, port=server.port)
+
+    async def _record_begin_checkpoint(
+        self, dom: Domain, job: BackupJob, chk: CheckpointDef, targets: list[Any]
+    ) -> None:
+        """Save the checkpoint a begin created; if that fails, undo the whole begin.
+
+        libvirt reports the error and lets the backup run with bitmaps no metadata
+        knows; those are exactly the strays that break later checkpoints.
+        """
+        try:
+            dom.checkpoints.add(chk, make_current=True)
+        except VirError as exc:
+            if not job.done.is_set():
+                await job.abort(wait=True)
+            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets)
+            raise VirError(
+                ErrorNumber.INTERNAL_ERROR,
+                ErrorDomain.QEMU,
+                f"unable to save metadata for checkpoint {chk.name}: {exc.message}; "
+                "the backup was aborted and the checkpoint's bitmaps removed",
+            ) from None
+
+    def _check_incremental_sources(self, dom: Domain, bdef: BackupDef) -> None:
+        """An incremental disk its checkpoint does not cover gets a useful answer.
+
+        Without this, a disk added after the checkpoint (or left out of it) fails the
+        bitmap check like a broken bitmap would, and the way out offered is wrong:
+        what it needs is ``backupmode='full'`` in the same backup.
+        """
+        domdisks = self._domain_disks(dom)
+        for d in bdef.selected_disks():
+            if d.backupmode != "incremental" or d.incremental not in dom.checkpoints:
+                continue
+            cdef = dom.checkpoints.get(d.incremental)
+            covered = any(
+                cd.checkpoint == BITMAP
+                and (found := disk_by_name(domdisks, cd.name)) is not None
+                and found.name == d.name
+                for cd in cdef.disks
+            )
+            if not covered:
+                raise inconsistent_error(
+                    d.name,
+                    d.incremental,
+                    f"checkpoint '{d.incremental}' does not cover disk '{d.name}' (the disk "
+                    "was added after it or left out of it)",
+                    f"Back this disk up in full in the same backup: <disk name='{d.name}' "
+                    "backupmode='full'>",
+                )
+
+    async def _plan(
+        self,
+        dom: Domain,
+        bdef: BackupDef,
+        reuse: bool,
+        tuning: Tuning,
+        chk: CheckpointDef | None = None,
+        targets: list[Any] | None = None,
+    ) -> Plan:
+        """The QEMU layer's defaults (qcow2 store, store index) and the plan."""
+        plan_disks: list[PlanDisk] = []
+        for d in bdef.selected_disks():
+            d.format = d.format or "qcow2"
+            if d.type == "file" and not reuse and d.path and os.path.lexists(d.path):
+                raise VirError(
+                    ErrorNumber.INVALID_ARG,
+                    ErrorDomain.QEMU,
+                    f"store '{d.path}' for backup of '{d.name}' exists",
+                )
+            if d.backing is not None:
+                check_backing(d.name, d.path or "", d.backing)
+            plan_disks.append(
+                PlanDisk(
+                    name=d.name,
+                    path=d.path or "",
+                    store_type=d.type,
+                    fmt=d.format,
+                    backupmode=d.backupmode or "full",
+                    incremental=d.incremental,
+                    export_name=d.exportname,
+                    export_bitmap=d.exportbitmap,
+                    backing_file=d.backing,
+                    backing_fmt=d.backing_format,
+                )
+            )
+        nodes = dom.nodes  # read by refresh_disks at the start of this begin
+        actions: list[dict[str, Any]] = []
+        if chk is not None:
+            checkpoint_ops.check_free(targets or [], nodes)
+            actions = checkpoint_ops.add_actions(str(chk.name), targets or [])
+        plan = plan_backup(
+            bdef.mode,
+            plan_disks,
+            {d.name: d for d in dom.disks},
+            nodes,
+            first_store_id=next_store_id(nodes),
+            reuse_external=reuse,
+            tuning=tuning,
+            checkpoint_actions=actions,
+            known_checkpoints=set(dom.checkpoints.defs),
+        )
+        by_name = {dp.disk: dp for dp in plan.disks}
+        for d in bdef.selected_disks():
+            dp = by_name[d.name]
+            d.index = dp.store_id
+            if bdef.is_pull:  # GetXMLDesc shows the names clients ask for
+                d.exportname, d.exportbitmap = dp.export_name, dp.export_bitmap
+        return plan
+
+    def _save_job(self, dom: Domain) -> None:
+        """Record the running job (status XML + what we created) for a later process."""
+        job, bdef = dom.job, dom.job_def
+        if job is None or bdef is None or job.done.is_set():
+            return
+        status = copy.deepcopy(bdef)
+        states = {rt.plan.disk: rt.state for rt in job.disks.values()}
+        for d in status.disks:
+            if d.backup:
+                d.state = states.get(d.name) or "running"
+        try:
+            self.state.domain(dom.name).write_job(status.to_xml(internal=True), job.snapshot())
+        except VirError as exc:  # the job goes on; a later process will lack its record
+            log.error("cannot record the running backup of %s: %s", dom.name, exc)
+
+    def _job_callbacks(self, dom: Domain, job: BackupJob) -> Callbacks:
+        return Callbacks(
+            changed=lambda: self._save_job(dom),
+            disk_done=lambda dp, status: self._disk_done(dom, dp, status),
+            finished=lambda result: self._job_finished(dom, job, result),
+        )
+
+    async def _recover_job(self, dom: Domain) -> None:
+        """Take over a backup that an earlier process started (libvirt keeps it in its
+        status XML across a libvirtd restart; so do we, in the state directory)."""
+        dstate = self.state.domain(dom.name)
+        record = dstate.read_job()
+        if record is None:
+            return
+        xml, resources = record
+        try:
+            bdef = BackupDef.from_xml(xml, internal=True)
+            job = BackupJob.restore(dom.monitor, resources)
+        except (VirError, KeyError, TypeError, ValueError) as exc:
+            log.error(
+                "the recorded backup of %s is unreadable (%s); it is set aside", dom.name, exc
+            )
+            dstate.set_aside_job()
+            dom.recovery_problems.append(f"unreadable backup record set aside: {exc}")
+            return
+        job.callbacks = self._job_callbacks(dom, job)
+        dom.job, dom.job_def = job, bdef
+        problems = await job.resume()
+        for problem in problems:
+            log.warning("domain %s: %s", dom.name, problem)
+        dom.recovery_problems += problems
+        self._save_job(dom)
+
+    def _disk_done(self, dom: Domain, dp: DiskPlan, status: BlockJobStatus) -> None:
+        kind = int(BlockJobType.BACKUP)
+        if dp.source_path:
+            self.events.emit(self, dom, DomainEventID.BLOCK_JOB, dp.source_path, kind, int(status))
+        self.events.emit(self, dom, DomainEventID.BLOCK_JOB_2, dp.disk, kind, int(status))
+
+    async def _job_finished(self, dom: Domain, job: BackupJob, result: JobResult) -> None:
+        stats = dict(result.stats)
+        stats["type"] = int(stats["type"])
+        dom.completed = stats
+        dstate = self.state.domain(dom.name)
+        try:
+            dstate.write_completed(stats)
+            dstate.delete_job()
+        except VirError as exc:
+            log.error("cannot record the finished backup of %s: %s", dom.name, exc)
+        if dom.job is job:
+            dom.job = dom.job_def = None
+        self.events.emit(self, dom, DomainEventID.JOB_COMPLETED, dict(stats))
+
+    async def domainBackupGetXMLDesc(self, dom: Domain, flags: int = 0) -> str:
+        """The running backup's definition with every default filled in."""
+        check_flags(flags, 0, "domainBackupGetXMLDesc")
+        self._check_domain(dom)
+        if dom.job is None or dom.job_def is None:
+            raise VirError(
+                ErrorNumber.NO_DOMAIN_BACKUP, ErrorDomain.DOMAIN, "no domain backup job present"
+            )
+        return dom.job_def.to_xml()
+
+    async def domainGetJobStats(self, dom: Domain, flags: int = 0) -> dict[str, Any]:
+        """Progress of the running backup, or with COMPLETED the last finished one."""
+        check_flags(
+            flags, JobStatsFlags.COMPLETED | JobStatsFlags.KEEP_COMPLETED, "domainGetJobStats"
+        )
+        self._check_domain(dom)
+        if flags & JobStatsFlags.KEEP_COMPLETED and not flags & JobStatsFlags.COMPLETED:
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.NONE,
+                "flag VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED requires VIR_DOMAIN_JOB_STATS_COMPLETED",
+            )
+        if flags & JobStatsFlags.COMPLETED:
+            if dom.completed is None:
+                return {"type": int(JobType.NONE)}
+            stats = dict(dom.completed)
+            if not flags & JobStatsFlags.KEEP_COMPLETED:
+                dom.completed = None
+                with contextlib.suppress(VirError):
+                    self.state.domain(dom.name).delete_completed()
+            return stats
+        if dom.job is None or dom.job.done.is_set():
+            return {"type": int(JobType.NONE)}
+        stats = await dom.job.stats()
+        stats["type"] = int(stats["type"])
+        return stats
+
+    async def domainAbortJob(self, dom: Domain, flags: int = 0) -> int:
+        """Cancel the running backup; returns once everything of it is cleaned up."""
+        check_flags(flags, 0, "domainAbortJob")
+        if flags & AbortJobFlags.POSTCOPY:  # pragma: no cover - refused by check_flags
+            raise VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, "no post-copy job")
+        self._check_domain(dom)
+        job = dom.job
+        if job is None or job.done.is_set():
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.QEMU,
+                f"no job is active on domain '{dom.name}'",
+            )
+        await job.abort(wait=True)
+        await self.events.drain()
+        return 0

@@ -1,0 +1,228 @@
+"""What every part of the driver table shares: flag checks, the Domain object, and
+the Driver's state (state directory, attached domains, events, settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoints import CheckpointTree
+from .conf import BackupDef, CheckpointDef, DomainDisk
+from .enums import (
+    CheckpointCreateFlags,
+    CheckpointDeleteFlags,
+    CheckpointListFlags,
+)
+from .errors import ErrorDomain, ErrorNumber, VirError
+from .events import EventRegistry
+from .qemu import blockgraph, nbd
+from .qemu.blockgraph import Disk
+from .qemu.job import BackupJob
+from .qemu.monitor import Address, Monitor
+from .qemu.plan import (
+    Plan,
+    Tuning,
+)
+from .state import State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TLS_DIR = "/etc/pki/pyvirtbackup"
+# a picked port can be taken between our check and QEMU's bind only when QEMU binds
+# it itself (a monitor over TCP cannot take our socket); then begin tries again
+PORT_PICK_ATTEMPTS = 3
+
+
+def check_flags(flags: int, allowed: int, function: str) -> None:
+    # int(): the complement of an IntFlag stays inside the flag's own bits
+    extra = int(flags) & ~int(allowed)
+    if extra:
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.NONE,
+            f"unsupported flags (0x{extra:x}) in function {function}",
+        )
+
+
+def check_exclusive(flags: int, a: enum.Flag, b: enum.Flag) -> None:
+    """libvirt's VIR_EXCLUSIVE_FLAGS check, made before the driver sees the flags."""
+    if flags & a and flags & b:
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.NONE,
+            f"Flags '{flag_name(a)}' and '{flag_name(b)}' are mutually exclusive",
+        )
+
+
+def flag_name(flag: enum.Flag) -> str:
+    prefix = {
+        CheckpointCreateFlags: "VIR_DOMAIN_CHECKPOINT_CREATE_",
+        CheckpointDeleteFlags: "VIR_DOMAIN_CHECKPOINT_DELETE_",
+    }[type(flag)]
+    return prefix + str(flag.name)
+
+
+LIST_FLAGS = (
+    CheckpointListFlags.TOPOLOGICAL | CheckpointListFlags.LEAVES | CheckpointListFlags.NO_LEAVES
+)
+
+
+def not_running_error(dom: Domain) -> VirError:
+    """libvirt's virDomainObjCheckActive error."""
+    return VirError(
+        ErrorNumber.OPERATION_INVALID,
+        ErrorDomain.QEMU,
+        f"domain is not running: the QEMU monitor of '{dom.name}' is gone",
+    )
+
+
+def check_backing(disk: str, target: str, backing: str) -> None:
+    """The previous backup named by pvb:backing must exist (relative: next to the target).
+
+    QEMU never opens it (the new target is opened with ``backing: null``), so a typo
+    would only show when someone restores from the chain.
+    """
+    where = os.path.join(os.path.dirname(target), backing)
+    if not os.path.exists(where):
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.QEMU,
+            f"backing file '{backing}' for the backup of disk '{disk}' does not exist"
+            + (f" (looked for {where})" if where != backing else ""),
+        )
+
+
+def address_record(qmp: Address) -> Any:
+    return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
+
+
+@dataclass
+class PreparedBackup:
+    """A begin that has been checked and planned but has changed nothing yet."""
+
+    bdef: BackupDef
+    plan: Plan
+    reuse: bool
+    tuning: Tuning
+    tls: nbd.TlsCreds | None
+    chk: CheckpointDef | None = None  # created in the backup's transaction
+    targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
+
+
+@dataclass
+class Domain:
+    """A running QEMU that pyvirtbackup is attached to (libvirt's virDomain)."""
+
+    name: str
+    uuid: str
+    qmp: Address
+    monitor: Monitor = field(repr=False)
+    disks: list[Disk] = field(default_factory=list, repr=False)
+    nodes: dict[str, blockgraph.BlockNode] = field(default_factory=dict, repr=False)
+    disk_nodes: dict[str, str] | None = field(default=None, repr=False)
+    job: BackupJob | None = field(default=None, repr=False)
+    job_def: BackupDef | None = field(default=None, repr=False)
+    completed: dict[str, Any] | None = field(default=None, repr=False)
+    begin_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    attached: bool = True
+    checkpoints: CheckpointTree = field(default_factory=CheckpointTree, repr=False)
+    # held by whatever changes checkpoints (their bitmaps or their tree)
+    checkpoint_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # what taking over an earlier process's backup found not matching QEMU
+    recovery_problems: list[str] = field(default_factory=list, repr=False)
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class DriverBase:
+    """libvirt's backup API for QEMUs started by someone else.
+
+    ``state_dir`` holds checkpoint metadata and running-job records (default
+    /var/lib/pyvirtbackup as root, else $XDG_STATE_HOME/pyvirtbackup).
+    ``tuning`` sets how QEMU copies (see ``qemu.plan.Tuning``); each begin may
+    override it.
+
+    Pull backups: ``tls_x509_cert_dir`` holds the NBD server's certificates
+    (ca-cert.pem, server-cert.pem, server-key.pem, as libvirt's
+    backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
+    makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
+    mode of a ``transport='unix'`` socket (owner-only by default).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        tls_x509_cert_dir: str | None = None,
+        tls_x509_verify: bool = True,
+        tuning: Tuning | Mapping[str, Any] | None = None,
+        connect_timeout: float = 10.0,
+        nbd_socket_mode: int = 0o600,
+    ) -> None:
+        self.state = State(state_dir)
+        self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
+        self.tls_x509_verify = tls_x509_verify
+        self.nbd_socket_mode = nbd_socket_mode
+        self.tuning = Tuning().merged(tuning)
+        self.connect_timeout = connect_timeout
+        self.domains: dict[str, Domain] = {}
+        self.events = EventRegistry()
+
+    async def _discover(
+        self, mon: Monitor, mapping: Mapping[str, str] | None
+    ) -> tuple[list[Disk], dict[str, blockgraph.BlockNode]]:
+        query_block = await mon.execute("query-block")
+        named = await mon.execute("query-named-block-nodes", {"flat": True})
+        found = blockgraph.parse_disks(query_block, named)
+        if mapping:
+            found = blockgraph.disks_from_mapping(mapping, found, named)
+        return found, blockgraph.parse_nodes(named)
+
+    async def refresh_disks(self, dom: Domain) -> list[Disk]:
+        """Read the disks and block nodes again (guests get disks hot-plugged)."""
+        dom.disks, dom.nodes = await self._discover(dom.monitor, dom.disk_nodes)
+        return dom.disks
+
+    def _check_domain(self, dom: Domain) -> Domain:
+        if not isinstance(dom, Domain) or self.domains.get(dom.name) is not dom:
+            raise VirError(
+                ErrorNumber.NO_DOMAIN,
+                ErrorDomain.DOMAIN,
+                f"domain '{getattr(dom, 'name', dom)}' is not attached to this driver",
+            )
+        return dom
+
+    def _check_running(self, dom: Domain, what: str) -> None:
+        if not dom.monitor.connected:
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                f"cannot {what} for inactive domain '{dom.name}': its QEMU monitor "
+                "is gone (QEMU exited?)",
+            )
+
+    def _domain_disks(self, dom: Domain) -> list[DomainDisk]:
+        return [
+            DomainDisk(
+                name=d.name,
+                path=d.path,
+                format=d.format or "raw",
+                type=d.type,
+                readonly=d.readonly,
+                empty=d.empty,
+            )
+            for d in dom.disks
+        ]

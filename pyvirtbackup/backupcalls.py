@@ -4,6 +4,7 @@ the same transaction), the job's life and its record, GetXMLDesc, stats, abort.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -27,14 +28,17 @@ from .enums import (
     BackupBeginFlags,
     BlockJobStatus,
     BlockJobType,
+    CheckpointCreateFlags,
+    CheckpointXMLFlags,
     DomainEventID,
     JobStatsFlags,
     JobType,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .qemu import checkpoint_ops, listen, nbd
-from .qemu.job import BackupJob, Callbacks, JobResult
+from .qemu.job import PREPARING, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
+from .qemu.monitor import Monitor
 from .qemu.plan import (
     DiskPlan,
     Plan,
@@ -76,14 +80,19 @@ class BackupCalls(CheckpointCalls):
             )
         async with dom.begin_lock, dom.checkpoint_lock:
             prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+            if prep.chk is not None:  # part of the record from the start
+                dom.job_checkpoint = str(prep.chk.name)
+                dom.job_checkpoint_xml = prep.chk.to_xml(CheckpointXMLFlags.SECURE)
             try:
                 job = await self._start_prepared(dom, prep)
             except BaseException:
+                dom.job_checkpoint = dom.job_checkpoint_xml = None
                 if prep.chk is not None:  # the transaction may have run before the failure
                     await checkpoint_ops.remove_new(dom.monitor, str(prep.chk.name), prep.targets)
                 raise
             if prep.chk is not None:
                 await self._record_begin_checkpoint(dom, job, prep.chk, prep.targets)
+                dom.job_checkpoint_xml = None
             self._save_job(dom)
         return 0
 
@@ -176,6 +185,9 @@ class BackupCalls(CheckpointCalls):
         except BaseException:
             if dom.job is job:
                 dom.job = dom.job_def = None
+            if job.phase == PREPARING:  # rolled back: the intent record goes too
+                with contextlib.suppress(VirError):
+                    self.state.domain(dom.name).delete_job()
             raise
         return job
 
@@ -374,8 +386,11 @@ class BackupCalls(CheckpointCalls):
         for d in status.disks:
             if d.backup:
                 d.state = states.get(d.name) or "running"
+        record = job.snapshot()
+        record["checkpoint"] = dom.job_checkpoint
+        record["checkpoint_xml"] = dom.job_checkpoint_xml  # until its metadata is saved
         try:
-            self.state.domain(dom.name).write_job(status.to_xml(internal=True), job.snapshot())
+            self.state.domain(dom.name).write_job(status.to_xml(internal=True), record)
         except VirError as exc:  # the job goes on; a later process will lack its record
             log.error("cannot record the running backup of %s: %s", dom.name, exc)
 
@@ -384,7 +399,29 @@ class BackupCalls(CheckpointCalls):
             changed=lambda: self._save_job(dom),
             disk_done=lambda dp, status: self._disk_done(dom, dp, status),
             finished=lambda result: self._job_finished(dom, job, result),
+            reconnect=lambda: self._reconnect(dom),
         )
+
+    async def _reconnect(self, dom: Domain) -> Monitor | None:
+        """After the monitor dropped: a new connection if QEMU still answers, None if
+        nobody listens any more (QEMU is gone), MonitorLost if it cannot be told."""
+        last = ""
+        for attempt in range(3):
+            mon = Monitor(f"pyvirtbackup-{dom.name}")
+            try:
+                await mon.connect(dom.qmp, timeout=self.connect_timeout)
+            except VirError as exc:
+                await mon.close()
+                if exc.code == ErrorNumber.OPERATION_FAILED:  # refused, or no socket
+                    return None
+                last = exc.message
+                await asyncio.sleep(1.0 * (attempt + 1))
+                continue
+            old, dom.monitor = dom.monitor, mon
+            await old.close()
+            log.warning("domain %s: QEMU's monitor dropped and was reconnected", dom.name)
+            return mon
+        raise MonitorLost(last or "no answer")
 
     async def _recover_job(self, dom: Domain) -> None:
         """Take over a backup that an earlier process started (libvirt keeps it in its
@@ -406,11 +443,30 @@ class BackupCalls(CheckpointCalls):
             return
         job.callbacks = self._job_callbacks(dom, job)
         dom.job, dom.job_def = job, bdef
+        dom.job_checkpoint = resources.get("checkpoint")
         problems = await job.resume()
+        if job.result is None and job.done.is_set():  # a begin undone before it started
+            dom.job = dom.job_def = None
+            dom.job_checkpoint = None
+            dstate.delete_job()
+        elif resources.get("checkpoint_xml"):
+            problems += self._adopt_begin_checkpoint(dom, resources["checkpoint_xml"])
         for problem in problems:
             log.warning("domain %s: %s", dom.name, problem)
         dom.recovery_problems += problems
         self._save_job(dom)
+
+    def _adopt_begin_checkpoint(self, dom: Domain, xml: str) -> list[str]:
+        """The begin that made this job died after its transaction and before saving
+        its checkpoint: the bitmaps exist, so the checkpoint does too."""
+        chk = CheckpointDef.from_xml(xml, CheckpointCreateFlags.REDEFINE)
+        if chk.name in dom.checkpoints:
+            return []
+        try:
+            dom.checkpoints.add(chk, make_current=True)
+        except VirError as exc:
+            return [f"checkpoint '{chk.name}' of the interrupted begin not saved: {exc}"]
+        return [f"checkpoint '{chk.name}' of the interrupted begin was saved"]
 
     def _disk_done(self, dom: Domain, dp: DiskPlan, status: BlockJobStatus) -> None:
         kind = int(BlockJobType.BACKUP)
@@ -428,9 +484,46 @@ class BackupCalls(CheckpointCalls):
             dstate.delete_job()
         except VirError as exc:
             log.error("cannot record the finished backup of %s: %s", dom.name, exc)
+        chk = dom.job_checkpoint
+        dom.job_checkpoint = None
+        failed_push = job.mode == "push" and result.type != JobType.COMPLETED
+        if chk and failed_push and not self.keep_failed_checkpoints:
+            # after begin has let go of the checkpoint lock (the job may end inside it)
+            task = asyncio.ensure_future(self._drop_failed_checkpoint(dom, job, chk, stats))
+            dom.finishing = task
+            return
+        self._job_gone(dom, job, stats)
+
+    def _job_gone(self, dom: Domain, job: BackupJob, stats: dict[str, Any]) -> None:
         if dom.job is job:
             dom.job = dom.job_def = None
         self.events.emit(self, dom, DomainEventID.JOB_COMPLETED, dict(stats))
+
+    async def _drop_failed_checkpoint(
+        self, dom: Domain, job: BackupJob, name: str, stats: dict[str, Any]
+    ) -> None:
+        """A push that failed made no backup: the checkpoint taken with it goes, so that
+        the next incremental is not based on an instant nothing was saved at."""
+        try:
+            async with dom.checkpoint_lock:
+                if name in dom.checkpoints and dom.monitor.connected:
+                    await self._delete_bitmaps(dom, [name])
+                    dom.checkpoints.reparent_children(name)
+                    dom.checkpoints.remove(name, update_current=True)  # back to its parent
+                    log.warning(
+                        "domain %s: checkpoint '%s' removed, its backup did not complete",
+                        dom.name,
+                        name,
+                    )
+        except VirError as exc:
+            log.error(
+                "domain %s: could not remove checkpoint '%s' of a failed backup: %s",
+                dom.name,
+                name,
+                exc,
+            )
+        finally:
+            self._job_gone(dom, job, stats)
 
     async def domainBackupGetXMLDesc(self, dom: Domain, flags: int = 0) -> str:
         """The running backup's definition with every default filled in."""
@@ -483,5 +576,7 @@ class BackupCalls(CheckpointCalls):
                 f"no job is active on domain '{dom.name}'",
             )
         await job.abort(wait=True)
+        if dom.finishing is not None:  # a failed push's checkpoint being dropped
+            await dom.finishing
         await self.events.drain()
         return 0

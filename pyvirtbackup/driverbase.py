@@ -134,6 +134,10 @@ class Domain:
     checkpoints: CheckpointTree = field(default_factory=CheckpointTree, repr=False)
     # held by whatever changes checkpoints (their bitmaps or their tree)
     checkpoint_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # the checkpoint created by the running backup's begin (its XML until recorded)
+    job_checkpoint: str | None = field(default=None, repr=False)
+    job_checkpoint_xml: str | None = field(default=None, repr=False)
+    finishing: asyncio.Task[None] | None = field(default=None, repr=False)
     # what taking over an earlier process's backup found not matching QEMU
     recovery_problems: list[str] = field(default_factory=list, repr=False)
 
@@ -171,8 +175,13 @@ class DriverBase:
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
         nbd_socket_mode: int = 0o600,
+        keep_failed_checkpoints: bool = False,
     ) -> None:
         self.state = State(state_dir)
+        # libvirt keeps the checkpoint of a push that failed or was cancelled; the
+        # next "incremental from the newest checkpoint" then misses the writes up to
+        # it. We drop it unless told to keep libvirt's behaviour.
+        self.keep_failed_checkpoints = keep_failed_checkpoints
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
         self.nbd_socket_mode = nbd_socket_mode

@@ -201,11 +201,12 @@ async def test_refused_incrementals_touch_nothing_and_new_disks_go_full(vm_facto
         await _assert_backups_are_the_disks(vm, bdir, "inc")
 
 
-async def test_temporary_bitmap_goes_when_the_backup_is_aborted(vm_factory, tmp_path):
+@pytest.mark.parametrize("keep", [False, True], ids=["drop-checkpoint", "libvirt-keeps-it"])
+async def test_temporary_bitmap_goes_when_the_backup_is_aborted(vm_factory, tmp_path, keep):
     vm = await vm_factory(TWO_QCOW2)
     bdir = tmp_path / "backups"
     bdir.mkdir()
-    async with Driver(state_dir=tmp_path / "state") as driver:
+    async with Driver(state_dir=tmp_path / "state", keep_failed_checkpoints=keep) as driver:
         dom = await driver.attach("vm1", vm.qmp)
         await run_backup(driver, dom, push_xml(_targets(bdir, "full")), checkpoint_xml("c1"))
         await vm.write("vda", 0x61, 0, 4 * MiB)
@@ -218,8 +219,15 @@ async def test_temporary_bitmap_goes_when_the_backup_is_aborted(vm_factory, tmp_
         assert "backup-vda" in (await bitmaps(vm.mon))["vda-fmt"]
         await driver.domainAbortJob(dom)
         found = await bitmaps(vm.mon)
-        assert sorted(found["vda-fmt"]) == ["c1", "c2"]  # libvirt keeps the new checkpoint
-        assert sorted(found["vdb-fmt"]) == ["c1", "c2"]
+        # libvirt keeps the checkpoint of a cancelled push; by default we drop it, so
+        # that no incremental is ever based on an instant nothing was saved at
+        expected = ["c1", "c2"] if keep else ["c1"]
+        assert sorted(found["vda-fmt"]) == expected
+        assert sorted(found["vdb-fmt"]) == expected
+        names = [c.name for c in await driver.domainListAllCheckpoints(dom)]
+        assert sorted(names) == expected
+        current = "c2" if keep else "c1"
+        assert dom.checkpoints.current == current
         assert not any(p.name.startswith("vda.inc") for p in bdir.iterdir())
 
 

@@ -72,7 +72,7 @@ class Monitor:
         self._next_handler = 0
         self._pump: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._disconnect_handlers: list[Callable[[], None]] = []
+        self._disconnect_handlers: dict[int, Callable[[], None]] = {}
         self.address: Address | None = None
         self.disconnected = asyncio.Event()
         self._hmp_qdev: dict[str, str] = {}
@@ -109,8 +109,14 @@ class Monitor:
     def connected(self) -> bool:
         return self._client.runstate == Runstate.RUNNING and not self.disconnected.is_set()
 
-    def on_disconnect(self, callback: Callable[[], None]) -> None:
-        self._disconnect_handlers.append(callback)
+    def on_disconnect(self, callback: Callable[[], None]) -> int:
+        """Call ``callback`` once the connection is lost; returns a handle to remove it."""
+        self._next_handler += 1
+        self._disconnect_handlers[self._next_handler] = callback
+        return self._next_handler
+
+    def remove_disconnect_handler(self, handle: int) -> None:
+        self._disconnect_handlers.pop(handle, None)
 
     async def _watch_state(self) -> None:
         while True:
@@ -120,7 +126,7 @@ class Monitor:
         self.disconnected.set()
         # reap the client's reader tasks now, or asyncio complains about their EOFError
         await self._reap()
-        for cb in list(self._disconnect_handlers):
+        for cb in list(self._disconnect_handlers.values()):
             try:
                 cb()
             except Exception:  # a broken callback must not hide the others

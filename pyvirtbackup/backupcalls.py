@@ -36,7 +36,7 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .qemu import checkpoint_ops, listen, nbd
-from .qemu.job import PREPARING, BackupJob, Callbacks, JobResult, MonitorLost
+from .qemu.job import PREPARING, STARTED, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
 from .qemu.monitor import Monitor
 from .qemu.plan import (
@@ -87,8 +87,11 @@ class BackupCalls(CheckpointCalls):
                 job = await self._start_prepared(dom, prep)
             except BaseException:
                 dom.job_checkpoint = dom.job_checkpoint_xml = None
-                if prep.chk is not None:  # the transaction may have run before the failure
-                    await checkpoint_ops.remove_new(dom.monitor, str(prep.chk.name), prep.targets)
+                if prep.chk is not None:  # its bitmaps exist only if our transaction ran
+                    ran = prep.job is not None and prep.job.phase == STARTED
+                    await checkpoint_ops.remove_new(
+                        dom.monitor, str(prep.chk.name), prep.targets, created=ran
+                    )
                 raise
             if prep.chk is not None:
                 await self._record_begin_checkpoint(dom, job, prep.chk, prep.targets)
@@ -156,7 +159,7 @@ class BackupCalls(CheckpointCalls):
                 self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls) if prep.bdef.is_pull else None
             )
             try:
-                return await self._start_job(dom, prep.bdef, prep.plan, listener)
+                return await self._start_job(dom, prep, listener)
             except VirError as exc:
                 retry = (
                     pick_port
@@ -175,11 +178,12 @@ class BackupCalls(CheckpointCalls):
                 )
 
     async def _start_job(
-        self, dom: Domain, bdef: BackupDef, plan: Plan, listener: Listener | None
+        self, dom: Domain, prep: PreparedBackup, listener: Listener | None
     ) -> BackupJob:
-        job = BackupJob(dom.monitor, plan, listener=listener)
+        job = BackupJob(dom.monitor, prep.plan, listener=listener)
+        prep.job = job  # the caller learns how far it got, even if start fails
         job.callbacks = self._job_callbacks(dom, job)
-        dom.job, dom.job_def = job, bdef
+        dom.job, dom.job_def = job, prep.bdef
         try:
             await job.start()
         except BaseException:
@@ -281,7 +285,7 @@ class BackupCalls(CheckpointCalls):
         except VirError as exc:
             if not job.done.is_set():
                 await job.abort(wait=True)
-            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets)
+            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets, created=True)
             raise VirError(
                 ErrorNumber.INTERNAL_ERROR,
                 ErrorDomain.QEMU,

@@ -58,6 +58,7 @@ class CheckpointCalls(DriverBase):
         if not redefine:
             self._check_running(dom, "create checkpoint")
         chk = CheckpointDef.from_xml(xml, flags & CheckpointCreateFlags.REDEFINE)
+        checkpoint_ops.check_not_reserved(chk.name, (cd.bitmap for cd in chk.disks))
         async with dom.checkpoint_lock:
             if redefine:
                 await self._redefine_checkpoint(
@@ -71,7 +72,9 @@ class CheckpointCalls(DriverBase):
         """Everything before the bitmaps exist: align, QEMU's rules, name, parent, domain.
 
         Returns the (disk, bitmap) pairs to create; ``dom.disks`` must be fresh.
+        A begin's checkpoint comes here too, so reserved names are refused for it.
         """
+        checkpoint_ops.check_not_reserved(chk.name)
         domdisks = self._domain_disks(dom)
         chk.align_disks(domdisks)
         by_name = {d.name: d for d in dom.disks}
@@ -90,11 +93,13 @@ class CheckpointCalls(DriverBase):
     async def _create_checkpoint(self, dom: Domain, chk: CheckpointDef) -> None:
         await self.refresh_disks(dom)
         targets = self._prepare_checkpoint(dom, chk)
+        # a failed transaction raises here: it added nothing, and a bitmap of the
+        # name (one that appeared meanwhile, making it fail) is not ours to remove
         await checkpoint_ops.create(dom.monitor, str(chk.name), targets)
         try:
             dom.checkpoints.add(chk, make_current=True)
         except VirError as exc:
-            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets)
+            await checkpoint_ops.remove_new(dom.monitor, str(chk.name), targets, created=True)
             raise VirError(
                 ErrorNumber.INTERNAL_ERROR,
                 ErrorDomain.QEMU,
@@ -109,6 +114,8 @@ class CheckpointCalls(DriverBase):
         """
         tree = dom.checkpoints
         chk.redefine_prep(dom.uuid, tree.parents())
+        # the bitmap names defaulted just now (to the checkpoint's) count as well
+        checkpoint_ops.check_not_reserved(chk.name, (cd.bitmap for cd in chk.disks))
         make_current = tree.current is None or (
             chk.parent_name is not None and chk.parent_name == tree.current
         )
@@ -264,6 +271,16 @@ class CheckpointCalls(DriverBase):
                 dom.name,
                 bitmap,
                 disk,
+            )
+        for disk, bitmap, what in removal.unchecked:
+            log.warning(
+                "domain %s: the backing chain of disk '%s' could not be read completely "
+                "(%s): a copy of bitmap '%s' in those layers, if there is one, was not "
+                "removed; look with 'qemu-img info' on the backing images",
+                dom.name,
+                disk,
+                what,
+                bitmap,
             )
         for disk, bitmap, node, image in removal.left:
             log.warning(

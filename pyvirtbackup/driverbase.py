@@ -113,6 +113,7 @@ class PreparedBackup:
     tls: nbd.TlsCreds | None
     chk: CheckpointDef | None = None  # created in the backup's transaction
     targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
+    job: Any = None  # the BackupJob once begin made it (how far it got, on failure)
 
 
 @dataclass

@@ -19,6 +19,9 @@ from .errors import ErrorDomain, ErrorNumber, VirError
 
 log = logging.getLogger(__name__)
 
+# How long an abort or a close waits for coroutine callbacks still running.
+DRAIN_TIMEOUT = 5.0
+
 
 @dataclass
 class _Registration:
@@ -32,7 +35,10 @@ class EventRegistry:
     def __init__(self) -> None:
         self._regs: dict[int, _Registration] = {}
         self._next = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        # callback tasks inside drain() right now: waiting for one of them would make
+        # two callbacks that both abort wait for each other
+        self._draining: set[asyncio.Future[Any]] = set()
 
     def register(self, dom: Any, event_id: int, callback: Callable[..., Any], opaque: Any) -> int:
         try:
@@ -72,9 +78,41 @@ class EventRegistry:
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda t, name=event_id.name: self._finished(t, name))
 
-    async def drain(self) -> None:
-        """Wait for callbacks that were coroutines."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    def _finished(self, task: asyncio.Future[Any], event: str) -> None:
+        """Forget a coroutine callback; log its failure (nobody else awaits it)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event callback for %s failed", event, exc_info=task.exception())
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait (a bounded time) for callbacks that were coroutines.
+
+        The calling task is left out: a coroutine callback that calls
+        domainAbortJob (or closes the driver) drains from inside one of these
+        tasks, and waiting for itself would never end. A callback still running
+        after ``timeout`` is logged and left to finish on its own, so that an
+        abort or a close returns even when a user's callback hangs.
+        """
+        current = asyncio.current_task()
+        me = current if current is not None and current in self._tasks else None
+        # a callback that drains skips the others draining too (they would wait for
+        # each other); anyone else (close(), an abort from outside) waits for all
+        skip = self._draining if me is not None else set()
+        pending = [t for t in self._tasks if t is not me and t not in skip and not t.done()]
+        if not pending:
+            return
+        if me is not None:
+            self._draining.add(me)
+        try:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+        finally:
+            if me is not None:
+                self._draining.discard(me)
+        for task in still:
+            log.warning(
+                "event callback %r still running after %.0f s; not waiting for it any longer",
+                task,
+                timeout,
+            )

@@ -10,8 +10,9 @@ Layout::
     <state_dir>/domains/<domain>/domain.json        where its QMP socket is, its uuid
     <state_dir>/domains/<domain>/checkpoints/<name>.xml
     <state_dir>/domains/<domain>/current-checkpoint  name of the current checkpoint
-    <state_dir>/domains/<domain>/backup.xml         status XML of the running backup
-    <state_dir>/domains/<domain>/backup.json        what that backup created in QEMU
+    <state_dir>/domains/<domain>/backup.json        the running backup: what it created in
+                                                    QEMU and its status XML, one file
+    <state_dir>/domains/<domain>/backup.xml         a copy of that status XML, for humans
     <state_dir>/domains/<domain>/completed-job.json stats of the last finished job
 """
 
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ErrorDomain, ErrorNumber, VirError
+
+# The key of backup.json that holds the running backup's status XML.
+STATUS_XML_KEY = "status_xml"
 
 
 def default_state_dir() -> Path:
@@ -186,27 +190,46 @@ class DomainState:
     # the running backup ---------------------------------------------------------
 
     def write_job(self, status_xml: str, resources: dict[str, Any]) -> None:
-        self._write_json("backup.json", resources)
+        """Record the running backup: one atomic file, so a crash at any instant leaves
+        the old record or the new one, never half of each (two files written one after
+        the other left a first record with no XML, which read as no job at all).
+
+        backup.xml is written afterwards as a copy for people reading the directory;
+        nothing reads it back unless backup.json predates ``status_xml``.
+        """
+        self._write_json("backup.json", {**resources, STATUS_XML_KEY: status_xml})
         self._write("backup.xml", status_xml)
 
     def read_job(self) -> tuple[str, dict[str, Any]] | None:
-        xml = self._read("backup.xml")
+        """The recorded backup as (status XML, resources), or None when there is none."""
         res = self._read_json("backup.json")
-        if xml is None or res is None:
+        if res is None:
+            return None
+        if not isinstance(res, dict):
+            raise VirError(
+                ErrorNumber.INTERNAL_ERROR,
+                ErrorDomain.NONE,
+                f"state file {self.dir / 'backup.json'} is damaged: not a JSON object",
+            )
+        xml = res.pop(STATUS_XML_KEY, None)
+        if xml is None:  # a record from before the XML moved into backup.json
+            xml = self._read("backup.xml")
+        if xml is None:
             return None
         return xml, res
 
     def set_aside_job(self) -> None:
         """Keep an unreadable job record for a human, under a name we never read again."""
         stamp = str(int(time.time()))
-        for rel in ("backup.xml", "backup.json"):
+        for rel in ("backup.json", "backup.xml"):
             src = self.dir / rel
             if src.exists():
                 os.replace(src, self.dir / f"{rel}.unreadable-{stamp}")
 
     def delete_job(self) -> None:
-        self._delete("backup.xml")
+        """The record first: a crash before the copy goes leaves no job, as it should."""
         self._delete("backup.json")
+        self._delete("backup.xml")
 
     # the last finished job ------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pyvirtbackup import (
     CheckpointListFlags,
     CheckpointXMLFlags,
     Driver,
+    ErrorDomain,
     ErrorNumber,
     VirError,
 )
@@ -354,3 +355,158 @@ async def test_checkpoints_survive_qemu_restart_and_a_new_driver(vm_factory, tmp
         for bm in found["vda-fmt"].values():
             assert bm["recording"] and not bm.get("inconsistent")
         assert sorted(found["vda-fmt"]) == ["c1", "c2", "c4"]
+
+
+async def test_names_of_our_temporary_bitmaps_are_refused(env, tmp_path):
+    """'pvb-tmp-size' (SIZE's) and 'backup-<disk>' (a push incremental's) are valid
+    libvirt names; as checkpoints, SIZE removed the first's bitmap as a leftover of
+    its own and the second broke push incrementals of that disk."""
+    vm, driver, dom = env
+    create = driver.domainCheckpointCreateXML
+    for name in ("pvb-tmp-size", "backup-vda", "pvb-anything"):
+        await _raises(
+            ErrorNumber.CONFIG_UNSUPPORTED,
+            create(dom, checkpoint_xml(name)),
+            f"checkpoint name '{name}' is reserved",
+            "pyvirtbackup's temporary bitmaps",
+        )
+    # REDEFINE too: a redefined checkpoint's bitmap is merged and deleted by name
+    c1 = await create(dom, checkpoint_xml("c1"))
+    saved = await driver.domainCheckpointGetXMLDesc(c1, CheckpointXMLFlags.SECURE)
+    redefine = CheckpointCreateFlags.REDEFINE
+    await _raises(
+        ErrorNumber.CONFIG_UNSUPPORTED,
+        create(dom, saved.replace("<name>c1</name>", "<name>pvb-tmp-size</name>"), redefine),
+        "checkpoint name 'pvb-tmp-size' is reserved",
+    )
+    await _raises(
+        ErrorNumber.CONFIG_UNSUPPORTED,
+        create(dom, saved.replace("bitmap='c1'", "bitmap='backup-vda'", 1), redefine),
+        "bitmap name 'backup-vda' is reserved",
+    )
+    # and the checkpoint of a backup begin
+    target = tmp_path / "vda.bak"
+    await _raises(
+        ErrorNumber.CONFIG_UNSUPPORTED,
+        driver.domainBackupBegin(
+            dom,
+            f"<domainbackup><disks><disk name='vda'><target file='{target}'/></disk>"
+            "<disk name='vdb' backup='no'/></disks></domainbackup>",
+            checkpoint_xml("backup-vdb"),
+        ),
+        "checkpoint name 'backup-vdb' is reserved",
+    )
+    assert dom.job is None and not target.exists()
+    assert await _names(driver, dom) == ["c1"]
+    assert {n: sorted(b) for n, b in (await bitmaps(vm.mon)).items()} == {
+        "vda-fmt": ["c1"],
+        "vdb-fmt": ["c1"],
+    }
+
+
+async def test_size_keeps_a_bitmap_named_like_its_temporary_one_that_is_not_ours(env, caplog):
+    """A persistent 'pvb-tmp-size' (made by hand, or by a checkpoint from before the
+    names were reserved) is someone's data: SIZE leaves it and gives no size there."""
+    vm, driver, dom = env
+    c1 = await driver.domainCheckpointCreateXML(dom, checkpoint_xml("c1"))
+    await vm.mon.execute(
+        "block-dirty-bitmap-add", {"node": "vda-fmt", "name": "pvb-tmp-size", "persistent": True}
+    )
+    await vm.write("vda", 0x22, 4 * MiB, 1 * MiB)
+    await vm.write("vdb", 0x23, 4 * MiB, 1 * MiB)
+    with caplog.at_level(logging.WARNING):
+        xml = await driver.domainCheckpointGetXMLDesc(
+            c1, CheckpointXMLFlags.SIZE | CheckpointXMLFlags.NO_DOMAIN
+        )
+    sizes = {d.get("name"): d.get("size") for d in etree.fromstring(xml.encode()).iter("disk")}
+    assert sizes == {"vda": None, "vdb": str(1 * MiB)}
+    found = (await bitmaps(vm.mon))["vda-fmt"]
+    assert sorted(found) == ["c1", "pvb-tmp-size"] and found["pvb-tmp-size"]["persistent"]
+    assert "that pyvirtbackup did not make" in caplog.text
+    assert sorted((await bitmaps(vm.mon))["vdb-fmt"]) == ["c1"]  # ours, removed again
+
+
+async def test_a_failed_create_transaction_leaves_a_bitmap_that_appeared_meanwhile(env):
+    """The bitmap appears between our check and our transaction (another tool): the
+    transaction fails and adds nothing; the undo must not remove the other's bitmap."""
+    vm, driver, dom = env
+    real = dom.monitor.transaction
+
+    async def transaction(actions, properties=None):
+        await vm.mon.execute(
+            "block-dirty-bitmap-add", {"node": "vdb-fmt", "name": "c1", "persistent": True}
+        )
+        return await real(actions, properties)
+
+    dom.monitor.transaction = transaction
+    with pytest.raises(VirError, match="already exists"):
+        await driver.domainCheckpointCreateXML(dom, checkpoint_xml("c1"))
+    dom.monitor.transaction = real
+    assert {n: sorted(b) for n, b in (await bitmaps(vm.mon)).items()} == {"vdb-fmt": ["c1"]}
+    assert await _names(driver, dom) == []
+
+
+async def test_metadata_failure_after_create_removes_only_what_the_transaction_made(
+    env, monkeypatch
+):
+    vm, driver, dom = env
+
+    def add(*args, **kwargs):
+        raise VirError(ErrorNumber.SYSTEM_ERROR, ErrorDomain.NONE, "disk full")
+
+    monkeypatch.setattr(dom.checkpoints, "add", add)
+    await _raises(
+        ErrorNumber.INTERNAL_ERROR,
+        driver.domainCheckpointCreateXML(dom, checkpoint_xml("c1")),
+        "unable to save metadata for checkpoint c1: disk full",
+    )
+    assert await bitmaps(vm.mon) == {}
+
+
+async def test_remove_new_removes_only_when_told_our_transaction_created_the_bitmaps(env, caplog):
+    from pyvirtbackup.qemu import checkpoint_ops
+
+    vm, driver, dom = env
+    await driver.refresh_disks(dom)
+    targets = [(d, "c9") for d in dom.disks]
+    for node in ("vda-fmt", "vdb-fmt"):
+        await vm.mon.execute(
+            "block-dirty-bitmap-add", {"node": node, "name": "c9", "persistent": True}
+        )
+    await checkpoint_ops.remove_new(dom.monitor, "c9", targets, created=False)
+    with caplog.at_level(logging.WARNING):
+        await checkpoint_ops.remove_new(dom.monitor, "c9", targets)  # not said: kept
+    assert "did not say whether pyvirtbackup's transaction created it" in caplog.text
+    assert sorted(await bitmaps(vm.mon)) == ["vda-fmt", "vdb-fmt"]
+    await checkpoint_ops.remove_new(dom.monitor, "c9", targets, created=True)
+    assert await bitmaps(vm.mon) == {}
+
+
+async def test_a_begin_whose_transaction_fails_keeps_a_bitmap_that_appeared_meanwhile(
+    env, tmp_path
+):
+    """Begin's undo used to remove the checkpoint's bitmap name from every disk even
+    when its transaction had failed, for instance because another tool added that
+    very bitmap between our check and our transaction: its bitmap was deleted."""
+    vm, driver, dom = env
+    real = dom.monitor.transaction
+
+    async def transaction(actions, properties=None):
+        if any(a["type"] == "blockdev-backup" for a in actions):
+            await vm.mon.execute(
+                "block-dirty-bitmap-add", {"node": "vda-fmt", "name": "c1", "persistent": True}
+            )
+        return await real(actions, properties)
+
+    dom.monitor.transaction = transaction
+    target = tmp_path / "vda.bak"
+    xml = (
+        f"<domainbackup><disks><disk name='vda'><target file='{target}'/></disk>"
+        "<disk name='vdb' backup='no'/></disks></domainbackup>"
+    )
+    with pytest.raises(VirError, match="already exists"):
+        await driver.domainBackupBegin(dom, xml, checkpoint_xml("c1"))
+    dom.monitor.transaction = real
+    found = await bitmaps(vm.mon)
+    assert sorted(found) == ["vda-fmt"] and found["vda-fmt"]["c1"]["persistent"]
+    assert await _names(driver, dom) == [] and dom.job is None

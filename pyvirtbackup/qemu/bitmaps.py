@@ -20,6 +20,7 @@ class ChainCheck:
 
     layers: list[Bitmap]
     problem: str | None = None
+    incomplete: bool = False  # the problem is a chain we could not read, not the bitmap
 
     @property
     def valid(self) -> bool:
@@ -27,7 +28,13 @@ class ChainCheck:
 
 
 def check_chain(disk: Disk, nodes: dict[str, BlockNode], name: str) -> ChainCheck:
-    """Is bitmap ``name`` usable on ``disk``: present on top, contiguous, and healthy."""
+    """Is bitmap ``name`` usable on ``disk``: present on top, contiguous, and healthy.
+
+    A chain we could not read to the bottom is unusable when a layer we could not
+    read might hold a copy of the bitmap (a qcow2 layer, or one of unknown format):
+    the merge would silently leave out the writes recorded there. Layers that
+    cannot store persistent bitmaps (a bare raw ``file`` node) change nothing.
+    """
     layers: list[Bitmap] = []
     gap = False
     problem: str | None = None
@@ -54,6 +61,13 @@ def check_chain(disk: Disk, nodes: dict[str, BlockNode], name: str) -> ChainChec
                 problem = f"not persistent on node {node_name} (it would not survive a restart)"
     if not disk.chain:
         problem = "the disk has no image"
+    elif problem is None and disk.unread_may_hold_bitmaps():
+        problem = (
+            "the disk's backing chain could not be read completely: "
+            f"{disk.unread_description()}; writes recorded in a copy of the bitmap "
+            "there would be left out"
+        )
+        return ChainCheck(layers, problem, incomplete=True)
     return ChainCheck(layers, problem)
 
 

@@ -49,6 +49,8 @@ FILTER_DRIVERS = frozenset(
         "copy-on-read",
     }
 )
+# Image formats that can store persistent dirty bitmaps (checkpoints) in QEMU.
+BITMAP_FORMATS = frozenset({"qcow2"})
 
 
 @dataclass
@@ -116,10 +118,53 @@ class Disk:
     readonly: bool
     cluster_size: int | None = None
     chain: list[str] = field(default_factory=list)  # format nodes, top first
+    # QEMU's own answer to "is there anything below the top image?", independent of
+    # whether every layer below could be matched to a node (``chain`` may stop short)
+    has_backing: bool = False
+    # backing layers below the end of ``chain`` that could not be matched to a format
+    # node (a bare protocol node, a json: filename, a filter between layers...), top
+    # first, as (filename, format as QEMU reports it, or None when unknown)
+    unread_layers: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return self.node is None
+
+    @property
+    def chain_complete(self) -> bool:
+        """Every backing layer QEMU reports is in ``chain``.
+
+        When it is not, anything that reasons over the whole chain (bitmaps merged
+        or deleted in every layer, "no backing shows through") must not take
+        ``chain`` for all of it.
+        """
+        return not self.unread_layers
+
+    def unread_description(self) -> str:
+        """What ``chain`` misses and why, for messages: what a user can look for."""
+        if not self.unread_layers:
+            return "the chain is complete"
+        filename, fmt = self.unread_layers[0]
+        if fmt in FILTER_DRIVERS:
+            why = f"is a '{fmt}' filter between two layers"
+        elif fmt in PROTOCOL_DRIVERS:
+            why = f"is a bare '{fmt}' protocol node with no format node above it"
+        else:
+            why = f"({fmt or 'format unknown'}) has no format node open on that file"
+        text = f"backing layer {len(self.chain)} ({filename or 'unnamed'}) {why}"
+        rest = len(self.unread_layers) - 1
+        if rest:
+            text += f"; {rest} more layer(s) below it are not read either"
+        return text
+
+    def unread_may_hold_bitmaps(self) -> bool:
+        """Could a layer missing from ``chain`` hold a checkpoint's bitmap?
+
+        Only qcow2 stores persistent bitmaps in QEMU; a bare protocol node, a raw
+        image or a filter never does. A layer whose format QEMU did not report
+        might be qcow2, so it counts.
+        """
+        return any(fmt is None or fmt in BITMAP_FORMATS for _, fmt in self.unread_layers)
 
 
 def parse_nodes(named_nodes: list[dict[str, Any]]) -> dict[str, BlockNode]:
@@ -177,8 +222,12 @@ def _storage_type(nodes: dict[str, BlockNode], filename: str) -> str:
 def parse_disks(query_block: list[dict[str, Any]], named_nodes: list[dict[str, Any]]) -> list[Disk]:
     """Turn query-block and query-named-block-nodes(flat) replies into disks, in device order.
 
-    Filter nodes (a running backup's copy-before-write, a throttle group) are looked
-    through, so a disk is found the same way while a job runs.
+    Filter nodes above the top image (a running backup's copy-before-write, a
+    throttle group) are looked through, so a disk is found the same way while a
+    job runs. Whether the disk has a backing at all is QEMU's answer (query-block's
+    ``backing-image``, ``backing_file``, ``backing_file_depth``), never inferred from
+    how many layers we could match to nodes: a full push of an overlay whose
+    backing we cannot name must still copy the backing's data.
     """
     nodes = parse_nodes(named_nodes)
     by_file = _format_nodes_by_filename(nodes)
@@ -193,20 +242,25 @@ def parse_disks(query_block: list[dict[str, Any]], named_nodes: list[dict[str, A
             disks.append(Disk(name, None, None, None, "file", 0, False))
             continue
         image = inserted.get("image") or {}
+        layers = _image_layers(image)
+        filters = 0  # leading filter layers (QEMU lists them as backing-image levels)
+        while filters < len(layers) and layers[filters].get("format") in FILTER_DRIVERS:
+            filters += 1
         top = inserted.get("node-name", "")
         if nodes.get(top) is not None and nodes[top].driver in FILTER_DRIVERS:
-            top = by_file.get(image.get("filename", ""), top)
-        chain: list[str] = []
-        layer: dict[str, Any] | None = image
-        while layer is not None:
-            node_name = top if not chain else by_file.get(layer.get("filename", ""))
-            if node_name is None or node_name in chain:
-                break
-            chain.append(node_name)
-            layer = layer.get("backing-image")
+            if filters < len(layers):
+                top = by_file.get(layers[filters].get("filename", ""), top)
+        top_layer = layers[filters] if filters < len(layers) else image
+        chain, unread = _walk_backing(top, layers[filters + 1 :], nodes, by_file)
         top_node = nodes.get(top)
-        path = image.get("filename") or inserted.get("file")
-        fmt = image.get("format") or inserted.get("drv")
+        has_backing = (
+            filters + 1 < len(layers)
+            or bool(inserted.get("backing_file"))
+            or int(inserted.get("backing_file_depth") or 0) > filters
+            or bool(top_node is not None and top_node.backing_file)
+        )
+        path = top_layer.get("filename") or image.get("filename") or inserted.get("file")
+        fmt = top_layer.get("format") or image.get("format") or inserted.get("drv")
         disks.append(
             Disk(
                 name=name,
@@ -218,9 +272,47 @@ def parse_disks(query_block: list[dict[str, Any]], named_nodes: list[dict[str, A
                 readonly=bool(inserted.get("ro", False)),
                 cluster_size=top_node.cluster_size if top_node else image.get("cluster-size"),
                 chain=chain,
+                has_backing=has_backing,
+                unread_layers=unread,
             )
         )
     return disks
+
+
+def _image_layers(image: dict[str, Any]) -> list[dict[str, Any]]:
+    """query-block's nested ``backing-image`` levels as a list, top first."""
+    layers: list[dict[str, Any]] = []
+    layer: dict[str, Any] | None = image
+    while layer:
+        layers.append(layer)
+        layer = layer.get("backing-image")
+    return layers
+
+
+def _walk_backing(
+    top: str,
+    below: list[dict[str, Any]],
+    nodes: dict[str, BlockNode],
+    by_file: dict[str, str],
+) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """Match the layers below the top image to format nodes by file name.
+
+    QMP has no edges, so a layer is only taken when a format node of the same
+    driver is open on its file. The walk stops at the first layer that is not one
+    (a bare protocol node, a filter between layers, a json: filename): that layer
+    and everything below it are returned as unread, never silently dropped.
+    """
+    chain = [top]
+    for depth, layer in enumerate(below):
+        filename = layer.get("filename", "")
+        fmt = layer.get("format")
+        node_name = by_file.get(filename) if fmt not in FILTER_DRIVERS else None
+        node = nodes.get(node_name or "")
+        if node is None or node.driver != fmt or node.name in chain:
+            rest = [(lay.get("filename", ""), lay.get("format")) for lay in below[depth:]]
+            return chain, rest
+        chain.append(node.name)
+    return chain, []
 
 
 async def query_nodes(mon: Monitor) -> dict[str, BlockNode]:
@@ -248,7 +340,8 @@ def disks_from_mapping(
     for name, node_name in mapping.items():
         known = by_node.get(node_name)
         if known is not None:
-            disks.append(Disk(**{**known.__dict__, "name": name, "chain": list(known.chain)}))
+            copied = {"chain": list(known.chain), "unread_layers": list(known.unread_layers)}
+            disks.append(Disk(**{**known.__dict__, "name": name, **copied}))
             continue
         node = nodes.get(node_name)
         if node is None:
@@ -258,14 +351,7 @@ def disks_from_mapping(
                 f"disk '{name}': QEMU has no block node named '{node_name}'",
             )
         raw = next(r for r in named_nodes if r.get("node-name") == node_name)
-        chain = [node_name]
-        backing = raw.get("backing_file")
-        while backing and by_file.get(backing) and by_file[backing] not in chain:
-            chain.append(by_file[backing])
-            backing = next(
-                (r.get("backing_file") for r in named_nodes if r.get("node-name") == chain[-1]),
-                None,
-            )
+        chain, unread = _walk_backing_files(node_name, raw, named_nodes, nodes, by_file)
         disks.append(
             Disk(
                 name=name,
@@ -277,6 +363,35 @@ def disks_from_mapping(
                 readonly=node.readonly,
                 cluster_size=node.cluster_size,
                 chain=chain,
+                has_backing=bool(raw.get("backing_file"))
+                or bool((raw.get("image") or {}).get("backing-image")),
+                unread_layers=unread,
             )
         )
     return disks
+
+
+def _walk_backing_files(
+    top: str,
+    raw: dict[str, Any],
+    named_nodes: list[dict[str, Any]],
+    nodes: dict[str, BlockNode],
+    by_file: dict[str, str],
+) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """The chain below a node no device showed, through each node's ``backing_file``.
+
+    A backing file that matches no format node ends the walk and is returned as
+    unread (its driver, when some node is open on it, says what it is).
+    """
+    chain = [top]
+    backing = raw.get("backing_file")
+    while backing:
+        found = by_file.get(backing)
+        if found is None or found in chain:
+            seen = next((n.driver for n in nodes.values() if n.filename == backing), None)
+            return chain, [(backing, seen)]
+        chain.append(found)
+        backing = next(
+            (r.get("backing_file") for r in named_nodes if r.get("node-name") == found), None
+        )
+    return chain, []

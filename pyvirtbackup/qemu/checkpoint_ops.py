@@ -30,11 +30,35 @@ log = logging.getLogger(__name__)
 # The temporary bitmap SIZE merges into (libvirt's is libvirt-tmp-size-xml).
 TMP_SIZE_BITMAP = "pvb-tmp-size"
 
+# Names of the bitmaps pyvirtbackup makes for itself and removes again: SIZE's
+# TMP_SIZE_BITMAP, a push incremental's "backup-<disk>" (plan.plan_backup). A
+# checkpoint named like one would have its bitmap taken for a leftover of ours
+# and removed, or collide with a backup's own.
+RESERVED_PREFIXES = ("pvb-", "backup-")
+
 # (disk, bitmap name): what a checkpoint holds on one disk
 Target = tuple[Disk, str]
 
 
 # ------------------------------------------------------------------------ create
+
+
+def check_not_reserved(name: str | None, bitmaps: Iterable[str | None] = ()) -> None:
+    """Refuse a checkpoint (or a redefined disk bitmap) named like our temporary bitmaps.
+
+    Create and REDEFINE both go through here: a redefined checkpoint's bitmap is
+    found, merged and deleted by name exactly like a created one's.
+    """
+    for what, value in [("checkpoint name", name)] + [("bitmap name", b) for b in bitmaps]:
+        if value is not None and value.startswith(RESERVED_PREFIXES):
+            raise VirError(
+                ErrorNumber.CONFIG_UNSUPPORTED,
+                ErrorDomain.DOMAIN_CHECKPOINT,
+                f"{what} '{value}' is reserved: names starting with "
+                + " or ".join(f"'{p}'" for p in RESERVED_PREFIXES)
+                + " are pyvirtbackup's temporary bitmaps, which it removes as its own; "
+                "choose another name",
+            )
 
 
 def check_prepare(name: str, targets: list[Target]) -> None:
@@ -88,11 +112,34 @@ async def create(mon: Monitor, name: str, targets: list[Target]) -> None:
         await mon.transaction(actions)
 
 
-async def remove_new(mon: Monitor, name: str, targets: list[Target]) -> None:
+async def remove_new(
+    mon: Monitor, name: str, targets: list[Target], *, created: bool | None = None
+) -> None:
     """Undo :func:`create` (or a begin's bitmap adds) after a later step failed.
+
+    ``created`` is the caller's word on whether *our* transaction added these
+    bitmaps, and it must be given:
+
+    - True: the transaction that added them succeeded (``create`` returned; a
+      backup job reached its started phase). They are ours and are removed.
+    - False: the transaction failed or never ran. Nothing of ours exists, so a
+      bitmap of that name is someone else's (it may be the very reason the
+      transaction failed: it appeared between our check and our add) and stays.
+    - None (not said): treated as False, with a warning naming what may be left,
+      so an unsure caller leaves a stray bitmap rather than deleting one.
 
     Only top nodes are touched, where the adds went; a bitmap already gone is fine.
     """
+    if not created:
+        if created is None:
+            log.warning(
+                "bitmap '%s' of disk(s) %s not removed: the caller did not say whether "
+                "pyvirtbackup's transaction created it. If it did, remove it with "
+                "block-dirty-bitmap-remove",
+                name,
+                ", ".join(f"{disk.name} (node {disk.node})" for disk, _ in targets),
+            )
+        return
     for disk, _ in targets:
         try:
             await mon.execute("block-dirty-bitmap-remove", {"node": disk.node, "name": name})
@@ -120,20 +167,37 @@ async def dirty_sizes(mon: Monitor, targets: list[Target]) -> dict[str, int]:
     The bitmap of every layer is merged into a temporary disabled bitmap on the
     top node, whose count is read and which is removed again. Disks whose chain is
     not usable get no size, as in libvirt.
+
+    A bitmap already named like the temporary one is removed first only when it
+    can be ours (left by a crash between merge and cleanup): not persistent and
+    not recording, as we create it. Any other is someone's data: that disk gets
+    no size and a warning, and the bitmap stays.
     """
     nodes = await query_nodes(mon)
     usable: list[tuple[Disk, str, Any]] = []
+    leftovers: list[dict[str, Any]] = []
     for disk, bitmap in targets:
         check = check_chain(disk, nodes, bitmap)
-        if check.valid and disk.node:
-            usable.append((disk, bitmap, check.layers))
+        if not check.valid or not disk.node:
+            continue
+        there = nodes[disk.node].bitmaps.get(TMP_SIZE_BITMAP)
+        if there is not None and (there.persistent or there.recording):
+            log.warning(
+                "disk '%s' has a %s bitmap named '%s' (node %s) that pyvirtbackup did not "
+                "make; its size since checkpoint '%s' is left out rather than risk that "
+                "bitmap",
+                disk.name,
+                "persistent" if there.persistent else "recording",
+                TMP_SIZE_BITMAP,
+                disk.node,
+                bitmap,
+            )
+            continue
+        if there is not None:
+            leftovers.append(_remove_action(disk.node, TMP_SIZE_BITMAP))
+        usable.append((disk, bitmap, check.layers))
     if not usable:
         return {}
-    leftovers = [
-        _remove_action(disk.node or "", TMP_SIZE_BITMAP)
-        for disk, _, _ in usable
-        if TMP_SIZE_BITMAP in nodes[disk.node or ""].bitmaps
-    ]
     if leftovers:  # a crash between our merge and our cleanup
         await mon.transaction(leftovers)
     merges: list[dict[str, Any]] = []
@@ -169,11 +233,14 @@ class Removal:
 
     ``missing`` holds (disk, bitmap) pairs; ``left`` holds (disk, bitmap, node,
     image) for bitmaps in a read-only layer QEMU opened implicitly (from an image
-    header), which blockdev-reopen cannot make writable.
+    header), which blockdev-reopen cannot make writable. ``unchecked`` holds
+    (disk, bitmap, what) for disks whose chain could not be read to the bottom
+    while a layer below might hold a copy of the bitmap: that copy, if any, stays.
     """
 
     missing: list[tuple[str, str]] = field(default_factory=list)
     left: list[tuple[str, str, str, str]] = field(default_factory=list)
+    unchecked: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 async def delete(mon: Monitor, targets: Iterable[Target]) -> Removal:
@@ -181,7 +248,8 @@ async def delete(mon: Monitor, targets: Iterable[Target]) -> Removal:
 
     Unlike libvirt 9.0, a bitmap missing from a disk is not an error: it is
     reported in the result, the rest is removed, and the caller drops the metadata.
-    Broken (inconsistent) bitmaps are removed like healthy ones.
+    Broken (inconsistent) bitmaps are removed like healthy ones. Layers below the
+    part of a chain we could read are not touched and reported in ``unchecked``.
     """
     nodes = await query_nodes(mon)
     result = Removal()
@@ -201,7 +269,9 @@ async def delete(mon: Monitor, targets: Iterable[Target]) -> Removal:
                     continue
                 writable[node.name] = options
             actions.append(_remove_action(node.name, bitmap))
-        if not found:
+        if disk.unread_may_hold_bitmaps():
+            result.unchecked.append((disk.name, bitmap, disk.unread_description()))
+        elif not found:
             result.missing.append((disk.name, bitmap))
     if not actions:
         return result

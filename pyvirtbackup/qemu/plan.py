@@ -264,9 +264,16 @@ def skips_unallocated_safely(src: Disk, dp: DiskPlan) -> bool:
     it shows through) and the store is new, so what is skipped already reads as
     zeros there; a reused target or a raw block device may hold old data, and a
     raw source counts as allocated everywhere anyway.
+
+    "One layer" is QEMU's answer (``has_backing``), not the length of the chain we
+    could match to nodes: a backing we cannot name (a bare raw ``file`` node, as
+    libvirt opens plain raw images) still shows through, and ``top`` would leave
+    its data out of the backup without a word.
     """
     return (
         src.format == "qcow2"
+        and not src.has_backing
+        and src.chain_complete
         and len(src.chain) == 1
         and dp.create_format
         and (dp.fmt != "raw" or dp.store_type == "file")
@@ -307,6 +314,14 @@ def checkpoint_bitmap_actions(name: str, disks: list[Disk]) -> list[dict[str, An
         }
         for d in disks
     ]
+
+
+# What to do when a bitmap is fine but the chain around it cannot be read whole.
+INCOMPLETE_WAY_OUT = (
+    "Way out: open every layer of the disk's chain as a named format node "
+    "(-blockdev with node-name, as libvirt does) so that its bitmaps can be found, "
+    "or take a full backup"
+)
 
 
 def inconsistent_error(
@@ -423,7 +438,8 @@ def plan_backup(
                 )
             check = check_chain(src, nodes, chk)
             if not check.valid:
-                raise inconsistent_error(pd.name, chk, check.problem or "unusable")
+                way_out = INCOMPLETE_WAY_OUT if check.incomplete else None
+                raise inconsistent_error(pd.name, chk, check.problem or "unusable", way_out)
             if mode == "push":
                 dp.bitmap = f"backup-{pd.name}"
                 dp.bitmap_node = src.node

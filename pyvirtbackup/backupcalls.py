@@ -95,8 +95,9 @@ class BackupCalls(CheckpointCalls):
                 raise
             if prep.chk is not None:
                 await self._record_begin_checkpoint(dom, job, prep.chk, prep.targets)
+                # the record may keep the XML until its next write: adopting a
+                # checkpoint that is already saved does nothing
                 dom.job_checkpoint_xml = None
-            self._save_job(dom)
         return 0
 
     async def backup_dry_run(

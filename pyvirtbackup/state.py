@@ -57,7 +57,9 @@ def check_component(name: str, what: str, domain: ErrorDomain = ErrorDomain.DOMA
     return name
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *, durable: bool = True) -> None:
+    """Replace ``path`` in one step. ``durable=False`` skips the fsyncs, for copies
+    nothing reads back (a crash may then leave the old copy, never a torn one)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -65,13 +67,16 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dirfd)
@@ -107,10 +112,10 @@ class DomainState:
 
     # generic ------------------------------------------------------------------
 
-    def _write(self, rel: str, data: str | bytes) -> None:
+    def _write(self, rel: str, data: str | bytes, *, durable: bool = True) -> None:
         path = self.dir / rel
         try:
-            atomic_write(path, data)
+            atomic_write(path, data, durable=durable)
         except OSError as exc:
             raise _state_error("write", path, exc) from None
 
@@ -198,7 +203,7 @@ class DomainState:
         nothing reads it back unless backup.json predates ``status_xml``.
         """
         self._write_json("backup.json", {**resources, STATUS_XML_KEY: status_xml})
-        self._write("backup.xml", status_xml)
+        self._write("backup.xml", status_xml, durable=False)
 
     def read_job(self) -> tuple[str, dict[str, Any]] | None:
         """The recorded backup as (status XML, resources), or None when there is none."""

@@ -111,10 +111,9 @@ async def test_dry_run_prints_the_plan_and_touches_nothing(vm_factory, cli, tmp_
     commands = [s.get("execute") or s.get("local") for s in steps]
     assert commands == [
         "create",  # the target file, exclusively
-        "blockdev-add",  # a no-flush node to format it through
+        "blockdev-add",  # its storage node, not flushing while it is formatted
         "blockdev-create",
-        "blockdev-del",
-        "blockdev-add",  # the target's storage node
+        "blockdev-reopen",  # flushing again
         "blockdev-add",  # its format node
         "transaction",
     ]

@@ -29,10 +29,10 @@ def test_a_crash_before_the_xml_copy_on_the_first_save_still_leaves_the_record(
     dstate = State(tmp_path).domain("vm1")
     real = state_mod.atomic_write
 
-    def dies_at_the_xml(path, data, mode=0o600):
+    def dies_at_the_xml(path, data, mode=0o600, **kwargs):
         if path.name == "backup.xml":
             raise SystemExit("the orchestrator is killed here")
-        real(path, data, mode)
+        real(path, data, mode, **kwargs)
 
     monkeypatch.setattr(state_mod, "atomic_write", dies_at_the_xml)
     with pytest.raises(SystemExit):

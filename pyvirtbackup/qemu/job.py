@@ -401,7 +401,7 @@ class BackupJob:
                         await self.mon.execute("job-cancel", {"id": jid})
                     with contextlib.suppress(VirError):
                         await self.mon.execute("job-dismiss", {"id": jid})
-            for node in (dp.format_node, dp.storage_node, f"pvb-{dp.store_id}-mkfs"):
+            for node in (dp.format_node, dp.storage_node):
                 if node in nodes:
                     with contextlib.suppress(VirError):
                         await self.mon.execute("blockdev-del", {"node-name": node})
@@ -420,7 +420,7 @@ class BackupJob:
         """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
         for step in steps:
             await self._run(step)
-            # a step that already undid something (the mkfs node's delete) retires its undo
+            # a step that already undid something (a node's delete) retires that undo
             undo[:] = [u for u in undo if u.describe() != step.describe()] + step.undo
 
     async def _run(self, step: Step) -> None:

@@ -154,7 +154,7 @@ def job_id(disk: str) -> str:
 def _cache(tuning: Tuning) -> dict[str, Any] | None:
     if tuning.target_cache_direct is None:
         return None
-    return {"direct": tuning.target_cache_direct, "no-flush": False}
+    return {"direct": tuning.target_cache_direct}
 
 
 def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
@@ -180,58 +180,47 @@ def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
                     },
                 )
             )
-    driver = "file" if dp.store_type == "file" else "host_device"
+    storage: dict[str, Any] = {
+        "driver": "file" if dp.store_type == "file" else "host_device",
+        "filename": dp.path,
+        "node-name": dp.storage_node,
+        "auto-read-only": True,
+        "discard": "unmap",
+    }
+    cache = _cache(tuning) or {}
+    if cache.get("direct"):
+        storage["aio"] = "native"
+    add = Step(
+        "qmp",
+        "blockdev-add",
+        {**storage, "cache": cache} if cache else dict(storage),
+        undo=[Step("qmp", "blockdev-del", {"node-name": dp.storage_node})],
+    )
     if dp.create_format and dp.fmt != "raw":
-        # Format through a node that never flushes: a flush here would wait for
-        # every dirty page of the host's filesystem journal (seconds on a busy host)
-        # and buys nothing, since deleting the real node at the end flushes the file.
-        mkfs = f"pvb-{dp.store_id}-mkfs"
-        options: dict[str, Any] = {"driver": dp.fmt, "file": mkfs, "size": dp.size}
+        # Format while the node does not flush: a flush here would wait for every
+        # dirty page of the host's filesystem journal (seconds on a busy host) and
+        # buys nothing, since deleting the node at the end flushes the file. Then
+        # the node is reopened with flushes on, before any backup data reaches it.
+        options: dict[str, Any] = {"driver": dp.fmt, "file": dp.storage_node, "size": dp.size}
         if dp.backing_file:
             options["backing-file"] = dp.backing_file
             if dp.backing_fmt:
                 options["backing-fmt"] = dp.backing_fmt
         if dp.cluster_size and dp.fmt == "qcow2":
             options["cluster-size"] = dp.cluster_size
+        add.args["cache"] = {**cache, "no-flush": True}
+        flushing = {**storage, "cache": {**cache, "no-flush": False}}
         steps += [
-            Step(
-                "qmp",
-                "blockdev-add",
-                {
-                    "driver": driver,
-                    "filename": dp.path,
-                    "node-name": mkfs,
-                    "cache": {"no-flush": True},
-                },
-                undo=[Step("qmp", "blockdev-del", {"node-name": mkfs})],
-            ),
+            add,
             Step(
                 "qmp-job",
                 "blockdev-create",
                 {"job-id": f"pvb-create-{dp.store_id}-format", "options": options},
             ),
-            Step("qmp", "blockdev-del", {"node-name": mkfs}),
+            Step("qmp", "blockdev-reopen", {"options": [flushing]}),
         ]
-    storage: dict[str, Any] = {
-        "driver": driver,
-        "filename": dp.path,
-        "node-name": dp.storage_node,
-        "auto-read-only": True,
-        "discard": "unmap",
-    }
-    cache = _cache(tuning)
-    if cache:
-        storage["cache"] = cache
-        if cache["direct"]:
-            storage["aio"] = "native"
-    steps.append(
-        Step(
-            "qmp",
-            "blockdev-add",
-            storage,
-            undo=[Step("qmp", "blockdev-del", {"node-name": dp.storage_node})],
-        )
-    )
+    else:
+        steps.append(add)
     fmt_node: dict[str, Any] = {
         "node-name": dp.format_node,
         "read-only": False,

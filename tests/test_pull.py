@@ -581,3 +581,32 @@ async def test_qemu_dying_mid_backup_leaves_no_scratch_or_socket(vm_factory, dri
     assert completed and completed[0]["type"] == JobType.FAILED
     assert "QEMU exited" in completed[0]["errmsg"]
     assert not os.path.lexists(scratch) and not os.path.lexists(sock)
+
+
+async def test_block_device_scratch(vm_factory, drivers, tmp_path):
+    """A scratch on a block device is formatted as qcow2, used, and left in place."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    nodes_before = await node_names(vm)
+    ref = await vm.snapshot("vda", str(tmp_path / "ref.raw"))
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(b"\0" * (32 * MiB))
+    dev = (await imgtools.run(["losetup", "--find", "--show", str(backing)])).stdout.strip()
+    driver = drivers()
+    dom = await driver.attach("vm1", vm.qmp)
+    sock = str(tmp_path / "nbd.sock")
+    try:
+        xml = (
+            f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/><disks>"
+            f"<disk name='vda' type='block'><scratch dev='{dev}'/></disk></disks></domainbackup>"
+        )
+        await driver.domainBackupBegin(dom, xml)
+        assert f"<scratch dev='{dev}'/>" in await driver.domainBackupGetXMLDesc(dom)
+        await vm.write("vda", 0x5C, 0, 2 * MiB)  # copied into the device before it lands
+        out = str(tmp_path / "pulled.raw")
+        await nbdcopy(unix_uri(sock, "vda"), out)
+        assert await same_bytes(ref, out)
+        await driver.domainAbortJob(dom)
+        assert os.path.exists(dev)
+        await assert_nothing_left(vm, nodes_before, [sock])
+    finally:
+        await imgtools.run(["losetup", "-d", dev], check=False)

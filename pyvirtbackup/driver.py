@@ -40,6 +40,10 @@ class Driver(BackupCalls):
     backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
     makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
     mode of a ``transport='unix'`` socket (owner-only by default).
+
+    ``keep_failed_checkpoints``: libvirt keeps the checkpoint created with a push
+    that then failed or was cancelled; by default we drop it (see backupcalls).
+    ``connect_timeout`` bounds every wait for QEMU's monitor to answer a connect.
     """
 
     # attach / detach ------------------------------------------------------------------

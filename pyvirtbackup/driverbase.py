@@ -153,19 +153,9 @@ class Domain:
 
 
 class DriverBase:
-    """libvirt's backup API for QEMUs started by someone else.
-
-    ``state_dir`` holds checkpoint metadata and running-job records (default
-    /var/lib/pyvirtbackup as root, else $XDG_STATE_HOME/pyvirtbackup).
-    ``tuning`` sets how QEMU copies (see ``qemu.plan.Tuning``); each begin may
-    override it.
-
-    Pull backups: ``tls_x509_cert_dir`` holds the NBD server's certificates
-    (ca-cert.pem, server-cert.pem, server-key.pem, as libvirt's
-    backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
-    makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
-    mode of a ``transport='unix'`` socket (owner-only by default).
-    """
+    """What the parts of the driver table share: settings, the state directory, the
+    attached domains, the event registry, and the checks every entry point makes.
+    ``Driver`` documents the settings."""
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ from pyvirtbackup import (
 from pyvirtbackup.qemu import imgtools, listen
 from pyvirtbackup.qemu.nbd import TLS_ALIAS
 
+from . import drivertools
 from .certs import Pki, make_pki
 from .conftest import VM, MiB
 from .nbd_clients import (
@@ -78,8 +79,7 @@ def pull_xml(server: str, scratch: dict[str, str | None], extra: str = "") -> st
 
 
 async def node_names(vm: VM) -> set[str]:
-    nodes = await vm.mon.execute("query-named-block-nodes", {"flat": True})
-    return {n["node-name"] for n in nodes}
+    return await drivertools.node_names(vm.mon)
 
 
 async def assert_nothing_left(vm: VM, nodes_before: set[str], paths: list[str]) -> None:

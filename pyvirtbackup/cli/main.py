@@ -182,6 +182,12 @@ async def open_domain(driver: Driver, name: str) -> Domain:
     return dom
 
 
+async def open_checkpoint(driver: Driver, args: argparse.Namespace) -> Any:
+    """The checkpoint named on the command line, of the domain named there."""
+    dom = await open_domain(driver, args.domain)
+    return await driver.domainCheckpointLookupByName(dom, args.checkpoint)
+
+
 def checkpoint_flags(args: argparse.Namespace) -> int:
     flags = 0
     if args.redefine:
@@ -500,8 +506,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
 
 
 async def cmd_checkpoint_dumpxml(driver: Driver, args: argparse.Namespace) -> int:
-    dom = await open_domain(driver, args.domain)
-    chk = await driver.domainCheckpointLookupByName(dom, args.checkpoint)
+    chk = await open_checkpoint(driver, args)
     flags = 0
     if args.security_info:
         flags |= CheckpointXMLFlags.SECURE
@@ -516,8 +521,7 @@ async def cmd_checkpoint_dumpxml(driver: Driver, args: argparse.Namespace) -> in
 async def cmd_checkpoint_delete(driver: Driver, args: argparse.Namespace) -> int:
     if args.children and args.children_only:
         raise UsageError("--children and --children-only are mutually exclusive")
-    dom = await open_domain(driver, args.domain)
-    chk = await driver.domainCheckpointLookupByName(dom, args.checkpoint)
+    chk = await open_checkpoint(driver, args)
     flags = 0
     if args.children:
         flags |= CheckpointDeleteFlags.CHILDREN
@@ -532,22 +536,20 @@ async def cmd_checkpoint_delete(driver: Driver, args: argparse.Namespace) -> int
 
 
 async def cmd_checkpoint_parent(driver: Driver, args: argparse.Namespace) -> int:
-    dom = await open_domain(driver, args.domain)
-    chk = await driver.domainCheckpointLookupByName(dom, args.checkpoint)
+    chk = await open_checkpoint(driver, args)
     parent = await driver.domainCheckpointGetParent(chk)
     print(parent.name)
     return 0
 
 
 async def cmd_checkpoint_info(driver: Driver, args: argparse.Namespace) -> int:
-    dom = await open_domain(driver, args.domain)
-    chk = await driver.domainCheckpointLookupByName(dom, args.checkpoint)
+    chk = await open_checkpoint(driver, args)
     facts = await checkpoint_facts(driver, chk)
     children = await driver.domainCheckpointListAllChildren(chk, 0)
     descendants = await driver.domainCheckpointListAllChildren(chk, CheckpointListFlags.DESCENDANTS)
     info = {
         "name": facts["name"],
-        "domain": dom.name,
+        "domain": args.domain,
         "parent": facts["parent"],
         "children": len(children),
         "descendants": len(descendants),

@@ -420,8 +420,7 @@ class BackupJob:
         """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
         for step in steps:
             await self._run(step)
-            # a step that already undid something (a node's delete) retires that undo
-            undo[:] = [u for u in undo if u.describe() != step.describe()] + step.undo
+            undo.extend(step.undo)
 
     async def _run(self, step: Step) -> None:
         if step.kind == "create-file":

@@ -54,4 +54,3 @@ def test_server_steps_ask_for_the_handshake_limit_only_when_given():
     assert "handshake-max-seconds" not in plain.args
     (limited,) = nbd.server_steps(address, handshake_max_seconds=5)
     assert limited.args["handshake-max-seconds"] == 5
-

@@ -137,14 +137,12 @@ _FEATURES: dict[str, tuple[tuple[str, ...], str, str]] = {
     ),
     "copy-before-write.min-cluster-size": (
         ("blockdev-add", "driver=copy-before-write", "min-cluster-size"),
-        "used with discard-source: the filter copies in units of the fleecing image's "
-        "cluster size",
+        "used with discard-source: the filter copies in units of the fleecing image's cluster size",
         "not available: the filter copies in units of the target's cluster size",
     ),
     "snapshot-access": (
         ("blockdev-add", "driver=snapshot-access"),
-        "used for fleecing: the point-in-time view that push copies from and pull "
-        "exports",
+        "used for fleecing: the point-in-time view that push copies from and pull exports",
         "not available: only libvirt's direct sequence can run",
     ),
     "set-action.shutdown": (

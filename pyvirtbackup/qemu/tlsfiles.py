@@ -27,8 +27,7 @@ from typing import Any
 from ..errors import ErrorDomain, ErrorNumber, VirError
 
 CERT_HINT = (
-    "see README, 'TLS certificates', for a recipe whose certificates every supported "
-    "QEMU accepts"
+    "see README, 'TLS certificates', for a recipe whose certificates every supported QEMU accepts"
 )
 
 

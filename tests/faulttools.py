@@ -253,6 +253,7 @@ class Row:
     job_type: str
     errmsg: str | None
     note: str = ""
+    qemu_checked: bool = True  # False: QEMU was gone, only files and state were checked
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -374,6 +375,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         left = str(len(r["left_behind"]))
         if r["left_behind"]:
             left += ": " + short("; ".join(r["left_behind"]), 80)
+        if not r.get("qemu_checked", True):
+            left += " (QEMU gone: files and state)"
         outcome = r["job_type"]
         if r["errmsg"]:
             outcome += ": " + short(r["errmsg"])

@@ -26,7 +26,7 @@ from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.plan import ON_CBW_ERROR
 
 from .conftest import VM, MiB
-from .drivertools import checkpoint_xml, push_xml, unthrottle, wait_completed
+from .drivertools import push_xml, unthrottle, wait_completed
 from .faulttools import (
     Guest,
     Row,
@@ -43,17 +43,39 @@ from .test_push import small_tmpfs
 pytestmark = pytest.mark.asyncio
 
 DISK = 32 * MiB
-FULL = [(0x11, 0, DISK)]  # every cluster holds data the backup must copy
-JOB = "pvb-backup-vda"
-# the guest overwrites the second half, 1 MiB at a time, while the job (throttled)
-# is still copying the first: every write lands on data not copied yet
-OVERWRITE = {"start": DISK // 2, "count": 16, "length": MiB}
+# two disks, every cluster holding data the backup must copy: a qcow2 one on scsi
+# (the job copies what is allocated) and a raw one on virtio-blk (another device
+# path to switch onto the filter, and the job copies everything)
+DISKS = (("vda", "qcow2", DISK, "scsi"), ("vdb", "raw", DISK, "virtio"))
+# the guest overwrites the second half of each disk, 1 MiB at a time, while the jobs
+# (throttled) still copy the first: every write lands on data not copied yet
+HALF, WRITES = DISK // 2, 16
 THROTTLE = {"speed": 4 * MiB}
 GUEST_NOT_AFFECTED = "the guest's writes were not affected"
+# a checkpoint made with the backup (a raw disk cannot hold one); a failed push drops it
+CHECKPOINT = (
+    "<domaincheckpoint><name>c1</name><disks>"
+    "<disk name='vda' checkpoint='bitmap'/><disk name='vdb' checkpoint='no'/>"
+    "</disks></domaincheckpoint>"
+)
 
 
-async def running_vm(vm_factory, size: int = DISK) -> VM:
-    return await vm_factory([("vda", "qcow2", size)], fill=[(0x11, 0, size)], paused=False)
+async def running_vm(vm_factory, disks=DISKS) -> VM:
+    size = max(d[2] for d in disks)
+    return await vm_factory(list(disks), fill=[(0x11, 0, size)], paused=False)
+
+
+async def overwrite(guest: Guest, *, push: bool = True, disks=("vda", "vdb")) -> None:
+    """The guest writes to both disks in turn, as a guest with two busy disks would."""
+    for i in range(WRITES):
+        for n, disk in enumerate(disks):
+            await guest.write(
+                disk,
+                0x40 + 0x20 * n + i,
+                HALF + i * MiB,
+                MiB,
+                job=f"pvb-backup-{disk}" if push else None,
+            )
 
 
 async def finish(
@@ -90,9 +112,10 @@ async def finish(
         job_type=job_type_name(final.get("type")),
         errmsg=final.get("errmsg"),
         note=note,
+        qemu_checked=qemu_alive,
         extra={
-            "failed_writes": [w.offset for w in guest.writes if w.failed],
-            "lost_writes": [w.offset for w in lost],
+            "failed_writes": [[w.disk, w.offset] for w in guest.writes if w.failed],
+            "lost_writes": [[w.disk, w.offset] for w in lost],
             "latency_ms": [round(w.latency_ms, 2) for w in guest.writes],
             "copied_before": [w.copied_before for w in guest.writes],
         },
@@ -110,16 +133,49 @@ def assert_ahead_of_the_copy(guest: Guest) -> None:
     """
     assert guest.writes[0].copied_before is not None, "the job was gone before the guest wrote"
     behind = [
-        w.offset for w in guest.writes if w.copied_before is not None and w.copied_before > w.offset
+        (w.disk, w.offset)
+        for w in guest.writes
+        if w.copied_before is not None and w.copied_before > w.offset
     ]
     assert not behind, f"writes at {behind} came after the copy had passed them"
 
 
-def pull_xml(sock: Path, scratch: Path) -> str:
+def pull_xml(sock: Path, scratch: dict[str, Path]) -> str:
+    disks = "".join(f"<disk name='{d}'><scratch file='{p}'/></disk>" for d, p in scratch.items())
     return (
         f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/>"
-        f"<disks><disk name='vda'><scratch file='{scratch}'/></disk></disks></domainbackup>"
+        f"<disks>{disks}</disks></domainbackup>"
     )
+
+
+async def snapshots(vm: VM, where: Path) -> dict[str, str]:
+    """Each disk's content now, as raw files (the reference for "the disk at begin")."""
+    return {d: await vm.snapshot(d, str(where / f"ref-{d}.raw")) for d in vm.disks}
+
+
+# ------------------------------------------------------------ the measures themselves
+
+
+async def test_the_measures_see_failed_and_lost_writes_and_leftovers(vm_factory, tmp_path):
+    """Each number can be other than zero: a failed write, a write missing from the
+    disk, a node, a bitmap, a paused guest and a stray file are all seen."""
+    vm = await running_vm(vm_factory, [("vda", "qcow2", 4 * MiB, "scsi")])
+    scene = await Scene.take(vm, [tmp_path])
+    guest = Guest(vm)
+    kept = await guest.write("vda", 0x42, 0, 64 * 1024)
+    undone = await guest.write("vda", 0x43, MiB, 64 * 1024)
+    beyond = await guest.write("vda", 0x44, 4 * MiB, 64 * 1024)  # past the end: QEMU fails it
+    assert (kept.failed, undone.failed, beyond.failed) == (False, False, True)
+    assert guest.errors == 1
+    await vm.mon.execute("blockdev-add", {"driver": "null-co", "node-name": "stray"})
+    await vm.mon.execute("block-dirty-bitmap-add", {"node": "vda-fmt", "name": "stray"})
+    await vm.mon.execute("stop")
+    (tmp_path / "stray.file").write_text("left by someone\n")
+    assert await scene.left_in_qemu() == ["node stray", "bitmap vda-fmt/stray", "guest left paused"]
+    await vm.quit()
+    await imgtools.write_pattern(vm.disks["vda"].path, "qcow2", [(0x11, MiB, 64 * 1024)])
+    assert [w.pattern for w in await guest.lost()] == [0x43, 0x44]
+    assert scene.left_on_disk() == [f"file {tmp_path / 'stray.file'}"]
 
 
 # ------------------------------------------------------------ storage that fills up
@@ -127,20 +183,22 @@ def pull_xml(sock: Path, scratch: Path) -> str:
 
 @pytest.mark.parametrize("fleecing", [True, False], ids=["fleecing", "direct"])
 async def test_target_full(vm_factory, driver, tmp_path, fleecing):
-    """The push target's filesystem fills up mid-backup. With fleecing the backup
-    fails and the guest never notices; libvirt's direct sequence (the contrast row)
-    copies old data inside the guest's writes, and on a QEMU without
-    ``on-cbw-error`` those writes fail and are lost."""
+    """vda's push target fills its filesystem mid-backup (vdb's has room). With
+    fleecing the backup fails and the guest never notices; libvirt's direct sequence
+    (the contrast row) copies old data inside the guest's writes, and on a QEMU
+    without ``on-cbw-error`` those writes fail and are lost."""
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
     guest = Guest(vm)
+    (tmp_path / "out").mkdir()
     with small_tmpfs(tmp_path / "full", "8m") as full:
         target = f"{full}/vda.qcow2"
+        targets = {"vda": target, "vdb": f"{tmp_path}/out/vdb.qcow2"}
         scene = await Scene.take(vm, [tmp_path])
         await driver.domainBackupBegin(
-            dom, push_xml({"vda": target}), checkpoint_xml("c1"), tuning=THROTTLE, fleecing=fleecing
+            dom, push_xml(targets), CHECKPOINT, tuning=THROTTLE, fleecing=fleecing
         )
-        await guest.overwrite("vda", **OVERWRITE, job=JOB)
+        await overwrite(guest)
         final = await wait_completed(driver, dom)
         row = await finish(
             "target-full" if fleecing else "target-full-direct",
@@ -172,28 +230,32 @@ async def test_target_full(vm_factory, driver, tmp_path, fleecing):
     assert row.extra["failed_writes"] == row.extra["lost_writes"], (
         "exactly the writes QEMU failed are missing from the disk"
     )
+    assert all(disk == "vda" for disk, _ in row.extra["failed_writes"]), (
+        "only the disk whose target filled loses writes"
+    )
 
 
 async def test_fleecing_image_full(vm_factory, driver, tmp_path):
-    """The push's fleecing image (pvb:fleecing on a small filesystem) cannot take the
-    old data the guest overwrites: the snapshot breaks, the backup fails naming the
-    image and why, the guest's writes all land."""
+    """vda's fleecing image (pvb:fleecing on a small filesystem) cannot take the old
+    data the guest overwrites: the snapshot breaks, the backup fails naming the image
+    and why, the guest's writes all land."""
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
     guest = Guest(vm)
-    target = tmp_path / "out" / "vda.qcow2"
-    target.parent.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
     with small_tmpfs(tmp_path / "fleece", "4m") as small:
         fleece = f"{small}/vda.fleece"
-        xml = (
+        xml = (  # vdb's fleecing image goes next to its disk, where there is room
             "<domainbackup xmlns:pvb='urn:pyvirtbackup:backup:1.0'><disks>"
-            f"<disk name='vda' pvb:fleecing='{fleece}'><target file='{target}'/></disk>"
+            f"<disk name='vda' pvb:fleecing='{fleece}'><target file='{out}/vda.qcow2'/></disk>"
+            f"<disk name='vdb'><target file='{out}/vdb.qcow2'/></disk>"
             "</disks></domainbackup>"
         )
         scene = await Scene.take(vm, [tmp_path])
         await driver.domainBackupBegin(dom, xml, tuning=THROTTLE)
         assert os.path.exists(fleece)
-        await guest.overwrite("vda", **OVERWRITE, job=JOB)
+        await overwrite(guest)
         final = await wait_completed(driver, dom)
         row = await finish(
             "fleecing-full", "fleecing image full (push)", vm, dom, guest, scene, final
@@ -203,9 +265,10 @@ async def test_fleecing_image_full(vm_factory, driver, tmp_path):
 
 
 async def test_scratch_full_and_clients_read_nothing_after(vm_factory, driver, tmp_path):
-    """A pull's scratch (its fleecing image) fills up: the snapshot breaks, every read
-    of the export fails from then on (a client connected before and one connecting
-    after), never serving data that is not the disk at begin; the job ends FAILED."""
+    """vda's pull scratch (its fleecing image) fills up: the snapshot breaks, every
+    read of the export fails from then on (a client connected before and one
+    connecting after), never serving data that is not the disk at begin; the job
+    ends FAILED."""
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
     guest = Guest(vm)
@@ -214,13 +277,15 @@ async def test_scratch_full_and_clients_read_nothing_after(vm_factory, driver, t
     with small_tmpfs(tmp_path / "scratch", "4m") as small:
         scratch = small / "vda.scratch"
         scene = await Scene.take(vm, [tmp_path])
-        await driver.domainBackupBegin(dom, pull_xml(sock, scratch))
+        await driver.domainBackupBegin(
+            dom, pull_xml(sock, {"vda": scratch, "vdb": tmp_path / "vdb.scratch"})
+        )
         client = await HeldClient.open(uri)
         try:
             before = await client.command("read -P 0x11 0 1M")
-            await guest.overwrite("vda", **OVERWRITE)
+            await overwrite(guest, push=False)
             reads = {
-                "overwritten": await client.command(f"read -P 0x11 {DISK // 2} 1M"),
+                "overwritten": await client.command(f"read -P 0x11 {HALF} 1M"),
                 "untouched": await client.command("read -P 0x11 1M 1M"),
             }
         finally:
@@ -236,12 +301,12 @@ async def test_scratch_full_and_clients_read_nothing_after(vm_factory, driver, t
             scene,
             final,
             note=(
-                "after the break: the connected client's reads "
-                + ", ".join(
+                "after the break, the connected client's reads of data "
+                + " and of data ".join(
                     f"{k} {'failed' if 'read failed' in v else 'SUCCEEDED'}"
                     for k, v in reads.items()
                 )
-                + f"; a new nbdcopy exited {late.returncode}"
+                + f"; a new client (nbdcopy) exited {late.returncode}"
             ),
         )
     assert "read 1048576/1048576" in before and "Pattern verification failed" not in before
@@ -262,7 +327,7 @@ async def test_slow_target(vm_factory, driver, tmp_path, fleecing):
     the local fleecing image; the direct sequence makes them wait for the target.
     The latencies are reported, not asserted (tests never assert on time)."""
     size = 16 * MiB
-    vm = await running_vm(vm_factory, size)
+    vm = await running_vm(vm_factory, [("vda", "qcow2", size, "scsi")])
     dom = await driver.attach("vm1", vm.qmp)
     idle = Guest(vm)  # the same writes with no backup running, for comparison
     await idle.overwrite("vda", 0, 16, 64 * 1024, stride=256 * 1024, first_pattern=0x20)
@@ -282,7 +347,9 @@ async def test_slow_target(vm_factory, driver, tmp_path, fleecing):
             tuning={"speed": 8 * MiB},  # ahead of the guest's writes at half the disk
             fleecing=fleecing,
         )
-        await guest.overwrite("vda", size // 2, 16, 64 * 1024, stride=512 * 1024, job=JOB)
+        await guest.overwrite(
+            "vda", size // 2, 16, 64 * 1024, stride=512 * 1024, job="pvb-backup-vda"
+        )
         final = await wait_completed(driver, dom)
         same, msg = await imgtools.compare(ref, str(target), fmt_a="raw", fmt_b="raw")
         row = await finish(
@@ -302,8 +369,7 @@ async def test_slow_target(vm_factory, driver, tmp_path, fleecing):
     assert_ahead_of_the_copy(guest)
     assert same, f"the target is not the disk at begin: {msg}"
     check(row, JobType.COMPLETED)
-    # the before-writes are on the disk too
-    assert not await idle.lost()
+    assert not await idle.lost(), "the writes made before the backup are on the disk too"
 
 
 # ---------------------------------------------------------------- stopped halfway
@@ -315,7 +381,7 @@ async def test_abort_mid_job(vm_factory, driver, tmp_path):
     guest = Guest(vm)
     scene = await Scene.take(vm, [tmp_path])
     await driver.domainBackupBegin(dom, None, tuning=THROTTLE)
-    await guest.overwrite("vda", **OVERWRITE, job=JOB)
+    await overwrite(guest)
     await driver.domainAbortJob(dom)
     final = await wait_completed(driver, dom)
     row = await finish("abort", "abort mid-job (push)", vm, dom, guest, scene, final)
@@ -334,8 +400,9 @@ async def test_qemu_killed_mid_push(vm_factory, driver, tmp_path):
     guest = Guest(vm)
     scene = await Scene.take(vm, [tmp_path])
     await driver.domainBackupBegin(dom, None, tuning=THROTTLE)
-    await guest.overwrite("vda", **OVERWRITE, job=JOB)
-    await guest.flush("vda")  # what a guest does before it counts on its data
+    await overwrite(guest)
+    for disk in vm.disks:
+        await guest.flush(disk)  # what a guest does before it counts on its data
     await kill_qemu(vm)
     final = await wait_completed(driver, dom)
     row = await finish(
@@ -349,11 +416,14 @@ async def test_qemu_killed_mid_pull(vm_factory, driver, tmp_path):
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
     guest = Guest(vm)
-    sock, scratch = tmp_path / "nbd.sock", tmp_path / "vda.scratch"
+    sock = tmp_path / "nbd.sock"
     scene = await Scene.take(vm, [tmp_path])
-    await driver.domainBackupBegin(dom, pull_xml(sock, scratch))
-    await guest.overwrite("vda", **OVERWRITE)
-    await guest.flush("vda")
+    await driver.domainBackupBegin(
+        dom, pull_xml(sock, {d: tmp_path / f"{d}.scratch" for d in vm.disks})
+    )
+    await overwrite(guest, push=False)
+    for disk in vm.disks:
+        await guest.flush(disk)
     await kill_qemu(vm)
     final = await wait_completed(driver, dom)
     row = await finish(
@@ -380,13 +450,14 @@ asyncio.run(main())
 
 async def test_driver_killed_mid_push_then_a_new_driver_finishes(vm_factory, tmp_path):
     """The orchestrator (a Driver in another process) is SIGKILLed while its push
-    runs through the fleecing filter; a new Driver attaches, takes the job over,
-    lets it finish, and takes the filter out of the guest's path."""
+    runs through the fleecing filters; a new Driver attaches, takes the job over,
+    lets it finish, and takes the filters out of the guest's path."""
     vm = await running_vm(vm_factory)
     state = tmp_path / "state"
-    target = tmp_path / "out" / "vda.qcow2"
-    target.parent.mkdir()
-    ref = await vm.snapshot("vda", str(tmp_path / "ref.raw"))
+    out = tmp_path / "out"
+    out.mkdir()
+    targets = {d: str(out / f"{d}.qcow2") for d in vm.disks}
+    refs = await snapshots(vm, tmp_path)
     guest = Guest(vm)
     scene = await Scene.take(vm, [tmp_path])
     child = await asyncio.create_subprocess_exec(
@@ -395,15 +466,15 @@ async def test_driver_killed_mid_push_then_a_new_driver_finishes(vm_factory, tmp
         _DRIVER_CHILD,
         str(state),
         vm.qmp,
-        push_xml({"vda": str(target)}),
-        str(2 * MiB),
+        push_xml(targets),
+        str(THROTTLE["speed"]),
         stdout=asyncio.subprocess.PIPE,
         cwd=os.getcwd(),
     )
     try:
         line = await asyncio.wait_for(child.stdout.readline(), 60)
         assert line == b"begun\n", line
-        await guest.overwrite("vda", **OVERWRITE, job=JOB)
+        await overwrite(guest)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
@@ -422,29 +493,36 @@ async def test_driver_killed_mid_push_then_a_new_driver_finishes(vm_factory, tmp
             guest,
             scene,
             final,
-            keep=(target, state / "domains" / "vm1" / "domain.json"),
+            keep=(*targets.values(), state / "domains" / "vm1" / "domain.json"),
         )
     assert_ahead_of_the_copy(guest)
     check(row, JobType.COMPLETED)
-    same, msg = await imgtools.compare(ref, str(target), fmt_a="raw")
-    assert same, f"the finished backup is not the disk at begin: {msg}"
+    for disk, target in targets.items():
+        same, msg = await imgtools.compare(refs[disk], target, fmt_a="raw")
+        assert same, f"{disk}: the finished backup is not the disk at begin: {msg}"
 
 
 async def test_client_vanishing_mid_read(vm_factory, driver, tmp_path):
-    """A pull client drops its connection in the middle of a reply; the export goes
-    on serving the disk at begin to the next client, and the end leaves nothing."""
+    """A pull client drops its connection in the middle of a reply; the exports go
+    on serving the disks at begin to the next client, and the end leaves nothing."""
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
-    ref = await vm.snapshot("vda", str(tmp_path / "ref.raw"))
+    refs = await snapshots(vm, tmp_path)
     guest = Guest(vm)
-    sock, scratch = tmp_path / "nbd.sock", tmp_path / "vda.scratch"
-    pulled = tmp_path / "pulled.raw"
+    sock = tmp_path / "nbd.sock"
+    pulled = {d: tmp_path / f"pulled-{d}.raw" for d in vm.disks}
     scene = await Scene.take(vm, [tmp_path])
-    await driver.domainBackupBegin(dom, pull_xml(sock, scratch))
-    await guest.overwrite("vda", **OVERWRITE)
+    await driver.domainBackupBegin(
+        dom, pull_xml(sock, {d: tmp_path / f"{d}.scratch" for d in vm.disks})
+    )
+    await overwrite(guest, push=False)
     size = await read_then_drop(str(sock), "vda", length=8 * MiB, keep=64 * 1024)
-    await nbdcopy(unix_uri(str(sock), "vda"), str(pulled))
-    same, msg = await imgtools.compare(ref, str(pulled), fmt_a="raw", fmt_b="raw")
+    differ = []
+    for disk, dest in pulled.items():
+        await nbdcopy(unix_uri(str(sock), disk), str(dest))
+        same, msg = await imgtools.compare(refs[disk], str(dest), fmt_a="raw", fmt_b="raw")
+        if not same:
+            differ.append(f"{disk}: {msg}")
     await driver.domainAbortJob(dom)  # how a pull ends: libvirt calls it COMPLETED
     final = await wait_completed(driver, dom)
     row = await finish(
@@ -455,10 +533,10 @@ async def test_client_vanishing_mid_read(vm_factory, driver, tmp_path):
         guest,
         scene,
         final,
-        keep=(pulled,),
+        keep=tuple(pulled.values()),
     )
     assert size == DISK
-    assert same, f"the next client did not get the disk at begin: {msg}"
+    assert not differ, f"the next client did not get the disks at begin: {differ}"
     check(row, JobType.COMPLETED)
 
 

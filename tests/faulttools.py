@@ -40,6 +40,8 @@ ORDER = (
     "target-full-direct",
     "fleecing-full",
     "scratch-full",
+    "scratch-full-abort",
+    "scratch-full-abort-seen",
     "slow-target",
     "slow-target-direct",
     "abort",

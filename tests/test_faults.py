@@ -26,7 +26,7 @@ from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.plan import ON_CBW_ERROR
 
 from .conftest import VM, MiB
-from .drivertools import push_xml, unthrottle, wait_completed
+from .drivertools import bitmaps, push_xml, unthrottle, wait_completed
 from .faulttools import (
     Guest,
     Row,
@@ -58,6 +58,38 @@ CHECKPOINT = (
     "<disk name='vda' checkpoint='bitmap'/><disk name='vdb' checkpoint='no'/>"
     "</disks></domaincheckpoint>"
 )
+
+
+# an incremental backup: vda from checkpoint c0 (made before, see since_checkpoint),
+# vdb, a raw disk that cannot hold a checkpoint, in full
+INCREMENTAL_PUSH = (
+    "<domainbackup><incremental>c0</incremental><disks>"
+    "<disk name='vda'/><disk name='vdb' backupmode='full'/></disks></domainbackup>"
+)
+
+
+async def since_checkpoint(driver, dom, vm: VM) -> None:
+    """Checkpoint c0 on vda, then all of vda rewritten: an incremental from c0 has to
+    copy the whole disk, through a temporary bitmap of the backup's own."""
+    await driver.domainCheckpointCreateXML(
+        dom, CHECKPOINT.replace("<name>c1</name>", "<name>c0</name>")
+    )
+    await vm.write("vda", 0x12, 0, DISK)
+
+
+async def temporary_bitmaps(vm: VM) -> list[tuple[str, str]]:
+    return [
+        (node, name)
+        for node, found in (await bitmaps(vm.mon)).items()
+        for name in found
+        if name.startswith("backup-")
+    ]
+
+
+def stray_checkpoints(dom) -> tuple[str, ...]:
+    """A failed or cancelled push drops the checkpoint made with it (c1); c0 stays."""
+    found = sorted(set(dom.checkpoints.defs) - {"c0"})
+    return tuple(f"checkpoint {name} of the failed push" for name in found)
 
 
 async def running_vm(vm_factory, disks=DISKS) -> VM:
@@ -140,10 +172,16 @@ def assert_ahead_of_the_copy(guest: Guest) -> None:
     assert not behind, f"writes at {behind} came after the copy had passed them"
 
 
-def pull_xml(sock: Path, scratch: dict[str, Path]) -> str:
-    disks = "".join(f"<disk name='{d}'><scratch file='{p}'/></disk>" for d, p in scratch.items())
+def pull_xml(sock: Path, scratch: dict[str, Path], *, incremental: str | None = None) -> str:
+    """A pull over a unix socket; ``incremental``: vda from that checkpoint, vdb full."""
+    mode = {"vdb": " backupmode='full'"} if incremental else {}
+    disks = "".join(
+        f"<disk name='{d}'{mode.get(d, '')}><scratch file='{p}'/></disk>"
+        for d, p in scratch.items()
+    )
+    inc = f"<incremental>{incremental}</incremental>" if incremental else ""
     return (
-        f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/>"
+        f"<domainbackup mode='pull'>{inc}<server transport='unix' socket='{sock}'/>"
         f"<disks>{disks}</disks></domainbackup>"
     )
 
@@ -208,7 +246,7 @@ async def test_target_full(vm_factory, driver, tmp_path, fleecing):
             guest,
             scene,
             final,
-            extra_left=("checkpoint c1 of the failed push",) if "c1" in dom.checkpoints else (),
+            extra_left=stray_checkpoints(dom),
         )
     assert_ahead_of_the_copy(guest)
     if fleecing:
@@ -265,28 +303,29 @@ async def test_fleecing_image_full(vm_factory, driver, tmp_path):
 
 
 async def test_scratch_full_and_clients_read_nothing_after(vm_factory, driver, tmp_path):
-    """vda's pull scratch (its fleecing image) fills up: the snapshot breaks, every
-    read of the export fails from then on (a client connected before and one
-    connecting after), never serving data that is not the disk at begin; the job
-    ends FAILED."""
+    """vda's pull scratch (its fleecing image) fills up during an incremental pull:
+    the snapshot breaks, every read of the export fails from then on (a client
+    connected before and one connecting after), never serving data that is not the
+    disk at begin; the job ends FAILED and its exported bitmap goes."""
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
+    await since_checkpoint(driver, dom, vm)
     guest = Guest(vm)
     sock = tmp_path / "nbd.sock"
     uri = unix_uri(str(sock), "vda")
     with small_tmpfs(tmp_path / "scratch", "4m") as small:
         scratch = small / "vda.scratch"
         scene = await Scene.take(vm, [tmp_path])
-        await driver.domainBackupBegin(
-            dom, pull_xml(sock, {"vda": scratch, "vdb": tmp_path / "vdb.scratch"})
-        )
+        scratches = {"vda": scratch, "vdb": tmp_path / "vdb.scratch"}
+        await driver.domainBackupBegin(dom, pull_xml(sock, scratches, incremental="c0"))
+        assert await temporary_bitmaps(vm), "the incremental exports a bitmap of its own"
         client = await HeldClient.open(uri)
         try:
-            before = await client.command("read -P 0x11 0 1M")
+            before = await client.command("read -P 0x12 0 1M")
             await overwrite(guest, push=False)
             reads = {
-                "overwritten": await client.command(f"read -P 0x11 {HALF} 1M"),
-                "untouched": await client.command("read -P 0x11 1M 1M"),
+                "overwritten": await client.command(f"read -P 0x12 {HALF} 1M"),
+                "untouched": await client.command("read -P 0x12 1M 1M"),
             }
         finally:
             await client.close()
@@ -294,7 +333,7 @@ async def test_scratch_full_and_clients_read_nothing_after(vm_factory, driver, t
         final = await wait_completed(driver, dom, timeout=30)
         row = await finish(
             "scratch-full",
-            "scratch full (pull), clients read after the break",
+            "scratch full (incremental pull), clients read after the break",
             vm,
             dom,
             guest,
@@ -315,6 +354,40 @@ async def test_scratch_full_and_clients_read_nothing_after(vm_factory, driver, t
         assert "read failed" in out, f"{what}: a read after the break succeeded: {out}"
     assert late.returncode != 0, "a client reading after the break got data"
     check(row, JobType.FAILED, ["'vda'", str(scratch), "filesystem is full", GUEST_NOT_AFFECTED])
+
+
+@pytest.mark.parametrize("seen", [False, True], ids=["unseen", "seen-by-stats"])
+async def test_scratch_full_then_abort(vm_factory, driver, tmp_path, seen):
+    """The scratch breaks and the pull is aborted before the periodic check of the
+    views ran (``unseen``), or right after domainGetJobStats reported the break: the
+    backup is incomplete either way, and its final stats must say so instead of
+    COMPLETED with success."""
+    vm = await running_vm(vm_factory)
+    dom = await driver.attach("vm1", vm.qmp)
+    guest = Guest(vm)
+    sock = tmp_path / "nbd.sock"
+    with small_tmpfs(tmp_path / "scratch", "4m") as small:
+        scratch = small / "vda.scratch"
+        scene = await Scene.take(vm, [tmp_path])
+        await driver.domainBackupBegin(dom, pull_xml(sock, {"vda": scratch}))
+        await overwrite(guest, push=False)
+        running = await driver.domainGetJobStats(dom) if seen else {}
+        await driver.domainAbortJob(dom)
+        final = await wait_completed(driver, dom)
+        row = await finish(
+            "scratch-full-abort-seen" if seen else "scratch-full-abort",
+            "scratch full (pull), aborted "
+            + ("after domainGetJobStats saw the break" if seen else "before the break was seen"),
+            vm,
+            dom,
+            guest,
+            scene,
+            final,
+        )
+    if seen:
+        assert "broke" in running.get("errmsg", ""), running
+    check(row, JobType.FAILED, ["'vda'", str(scratch), "filesystem is full", GUEST_NOT_AFFECTED])
+    assert final["success"] is False, final
 
 
 # ----------------------------------------------------------------- a slow target
@@ -376,15 +449,29 @@ async def test_slow_target(vm_factory, driver, tmp_path, fleecing):
 
 
 async def test_abort_mid_job(vm_factory, driver, tmp_path):
+    """An incremental push (vda from checkpoint c0, vdb in full) aborted halfway:
+    its temporary bitmap, the checkpoint made with it and its targets all go; c0 and
+    the guest's writes stay."""
     vm = await running_vm(vm_factory)
     dom = await driver.attach("vm1", vm.qmp)
+    await since_checkpoint(driver, dom, vm)
     guest = Guest(vm)
     scene = await Scene.take(vm, [tmp_path])
-    await driver.domainBackupBegin(dom, None, tuning=THROTTLE)
+    await driver.domainBackupBegin(dom, INCREMENTAL_PUSH, CHECKPOINT, tuning=THROTTLE)
+    assert await temporary_bitmaps(vm), "the incremental runs on a bitmap of its own"
     await overwrite(guest)
     await driver.domainAbortJob(dom)
     final = await wait_completed(driver, dom)
-    row = await finish("abort", "abort mid-job (push)", vm, dom, guest, scene, final)
+    row = await finish(
+        "abort",
+        "abort mid-job (incremental push)",
+        vm,
+        dom,
+        guest,
+        scene,
+        final,
+        extra_left=stray_checkpoints(dom),
+    )
     assert_ahead_of_the_copy(guest)
     check(row, JobType.CANCELLED)
 

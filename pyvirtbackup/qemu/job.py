@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VIEW_CHECK_INTERVAL = 2.0  # seconds between checks of a fleecing pull's views
+ENDED = (COMPLETE, FAILED, CANCELLED)
 
 
 class BackupJob(JobEvents, JobRecord, StepRunner):
@@ -392,7 +393,13 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             # a mix of then and now
             await self._stop_exports()
         running = [jid for jid, d in self.disks.items() if d.state == RUNNING]
-        pending = any(d.state in (RUNNING, CANCELLING) for d in self.disks.values())
+        # a disk that has ended but is not cleaned up yet is being taken down by the
+        # event worker, which ends the job after its last disk: terminating here would
+        # return before the nodes (and the filter in the guest's path) are gone
+        pending = any(
+            d.state in (RUNNING, CANCELLING) or (d.state in ENDED and not d.cleaned)
+            for d in self.disks.values()
+        )
         if not pending and not self.done.is_set():
             await self._terminate()
         for jid in running:

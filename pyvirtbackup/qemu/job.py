@@ -280,7 +280,9 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         message = broken_view_message(d.plan)
         log.error("%s (QEMU: %s)", message, error)
         d.error = d.error or message
-        self._events.put_nowait({"event": DISK_END, "data": {"id": jid, "error": message}})
+        self._events.put_nowait(
+            {"event": DISK_END, "data": {"id": jid, "error": message, "broken": True}}
+        )
         return message
 
     # the instant --------------------------------------------------------------------
@@ -388,6 +390,11 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         """Cancel every running disk job; with ``wait``, return once all is cleaned up."""
         self.cancel_requested = True
         if self.mode == "pull" and self.mon.connected:
+            # a view that broke since it was last checked fails the backup, abort or
+            # not: its clients got errors, and the final stats must not say COMPLETED
+            for jid, d in list(self.disks.items()):
+                if d.state == RUNNING and not d.plan.has_qemu_job:
+                    await self._check_view(jid)
             # clients go first: once a fleecing job is cancelled its scratch node
             # reads through to the live disk, and a client still reading would get
             # a mix of then and now

@@ -200,7 +200,9 @@ class JobEvents:
         error = info.get("error")
         if error and d.plan.fleecing and not (d.state == CANCELLING or self.cancel_requested):
             error = explain_fleecing_error(d.plan, d.error_op, str(error))
-        if d.state == CANCELLING or (self.cancel_requested and error):
+        if ended is not None and ended.get("broken"):
+            d.state = FAILED  # a view that broke is an incomplete backup, aborted or not
+        elif d.state == CANCELLING or (self.cancel_requested and error):
             d.state = CANCELLED
         elif error:
             d.state = FAILED
@@ -296,7 +298,8 @@ class JobEvents:
                 deleted.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(deleted.wait(), EXPORT_DELETE_TIMEOUT)
-            self.exports_added.remove(eid)
+            if eid in self.exports_added:  # an abort and a disk's end may both stop it
+                self.exports_added.remove(eid)
         if self.server_started:
             if ours_alive:
                 with contextlib.suppress(VirError):
@@ -305,7 +308,8 @@ class JobEvents:
         for oid in list(self.objects_added):
             with contextlib.suppress(VirError):
                 await self.mon.execute("object-del", {"id": oid})
-            self.objects_added.remove(oid)
+            if oid in self.objects_added:
+                self.objects_added.remove(oid)
 
 
 def explain_fleecing_error(dp: DiskPlan, op: str | None, error: str) -> str:

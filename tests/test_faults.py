@@ -150,6 +150,7 @@ async def finish(
             "lost_writes": [[w.disk, w.offset] for w in lost],
             "latency_ms": [round(w.latency_ms, 2) for w in guest.writes],
             "copied_before": [w.copied_before for w in guest.writes],
+            "time_elapsed_ms": final.get("time_elapsed"),
         },
     )
     return record(row)
@@ -237,6 +238,7 @@ async def test_target_full(vm_factory, driver, tmp_path, fleecing):
             dom, push_xml(targets), CHECKPOINT, tuning=THROTTLE, fleecing=fleecing
         )
         await overwrite(guest)
+        during = await driver.domainGetJobStats(dom)  # what an operator sees meanwhile
         final = await wait_completed(driver, dom)
         row = await finish(
             "target-full" if fleecing else "target-full-direct",
@@ -247,6 +249,11 @@ async def test_target_full(vm_factory, driver, tmp_path, fleecing):
             scene,
             final,
             extra_left=stray_checkpoints(dom),
+            note=(
+                f"right after the guest's writes ({guest.errors} failed), domainGetJobStats "
+                f"said {'running' if during.get('type') == JobType.UNBOUNDED else 'ended'}, "
+                + (f"errmsg {during['errmsg']!r}" if during.get("errmsg") else "no errmsg")
+            ),
         )
     assert_ahead_of_the_copy(guest)
     if fleecing:

@@ -36,6 +36,7 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .qemu import checkpoint_ops, listen, nbd
+from .qemu.actions import process_shutdown_action
 from .qemu.fleecing import FleecingSettings
 from .qemu.job import PREPARING, STARTED, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
@@ -51,6 +52,8 @@ from .qemu.plan import (
 )
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_ACTION = "set-action.shutdown"
 
 
 class BackupCalls(CheckpointCalls):
@@ -132,8 +135,21 @@ class BackupCalls(CheckpointCalls):
         return prep.plan.describe()
 
     def _check_begin_args(self, dom: Domain, flags: int) -> None:
-        check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        check_flags(
+            flags,
+            BackupBeginFlags.REUSE_EXTERNAL | BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN,
+            "domainBackupBegin",
+        )
         self._check_domain(dom)
+        if flags & BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN and not dom.features.has(
+            SHUTDOWN_ACTION
+        ):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                "VIR_DOMAIN_BACKUP_BEGIN_PRESERVE_SHUTDOWN_DOMAIN needs QEMU's set-action "
+                "with a shutdown action, which this QEMU lacks",
+            )
 
     async def _prepare_backup(
         self,
@@ -161,7 +177,16 @@ class BackupCalls(CheckpointCalls):
             enabled=self.fleecing if fleecing is None else fleecing, cbw_timeout=self.cbw_timeout
         )
         plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets, settings, suffix)
-        return PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets, settings, suffix)
+        prep = PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets, settings, suffix)
+        prep.preserve_shutdown = bool(flags & BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN)
+        self._preserve_shutdown(dom, prep)
+        return prep
+
+    def _preserve_shutdown(self, dom: Domain, prep: PreparedBackup) -> None:
+        """PRESERVE_SHUTDOWN_DOMAIN: a guest that powers off is paused until the backup
+        ends, then QEMU goes as it was configured to."""
+        if prep.preserve_shutdown:
+            prep.plan.preserve_shutdown(process_shutdown_action(dom.monitor.peer_pid()))
 
     async def _start_prepared(self, dom: Domain, prep: PreparedBackup) -> BackupJob:
         """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
@@ -197,6 +222,7 @@ class BackupCalls(CheckpointCalls):
                     prep.fleecing,
                     prep.suffix,
                 )
+                self._preserve_shutdown(dom, prep)
 
     async def _start_job(
         self, dom: Domain, prep: PreparedBackup, listener: Listener | None

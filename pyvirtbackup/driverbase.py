@@ -117,6 +117,7 @@ class PreparedBackup:
     targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
     fleecing: FleecingSettings | None = None
     suffix: str = ""  # what generated file names end with
+    preserve_shutdown: bool = False
     job: Any = None  # the BackupJob once begin made it (how far it got, on failure)
 
 

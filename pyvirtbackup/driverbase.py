@@ -141,6 +141,7 @@ class Domain:
     finishing: asyncio.Task[None] | None = field(default=None, repr=False)
     # what taking over an earlier process's backup found not matching QEMU
     recovery_problems: list[str] = field(default_factory=list, repr=False)
+    agent: str | None = field(default=None, repr=False)  # the guest agent's socket
 
     def UUIDString(self) -> str:
         return self.uuid

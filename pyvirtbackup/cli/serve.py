@@ -34,6 +34,9 @@ def add_serve_parser(sub: Any) -> None:
         "root and the daemon's own user only)",
     )
     sp.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N")
+    # libvirt's API has no way to pass these per backup: the daemon sets them for all
+    sp.add_argument("--max-workers", type=int, help="QEMU copy workers per disk (x-perf)")
+    sp.add_argument("--speed", type=int, help="throttle each disk's job, bytes/s")
     sp.add_argument("--verbose", "-v", action="store_true", help="log every connection")
 
 
@@ -43,6 +46,8 @@ async def cmd_serve(driver: Driver, args: argparse.Namespace) -> int:
         format="pyvirtbackup[%(process)d]: %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    values = {"max_workers": args.max_workers, "speed": args.speed}
+    driver.tuning = driver.tuning.merged({k: v for k, v in values.items() if v is not None})
     daemon = Daemon(driver, args.socket, group=args.group, max_clients=args.max_clients)
     daemon.listen()
     stop = asyncio.Event()

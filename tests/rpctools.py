@@ -19,6 +19,7 @@ import pytest_asyncio
 from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.monitor import Monitor
 from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
+from pyvirtbackup.rpc.server import DEFAULT_SOCKET
 
 MiB = imgtools.MiB
 PYVIRTBACKUP = [sys.executable, "-m", "pyvirtbackup"]
@@ -32,12 +33,14 @@ def run(argv: list[str], *, timeout: float = 120.0, **kw: object) -> subprocess.
 class Daemon:
     """``pyvirtbackup --state-dir DIR serve --socket PATH``, in the foreground as a user runs it."""
 
-    def __init__(self, state_dir: Path, socket_path: Path, *extra: str) -> None:
+    def __init__(self, state_dir: Path, socket_path: Path | None, *extra: str) -> None:
+        """``socket_path`` None: no --socket, libvirt's default path."""
         self.state_dir = state_dir
-        self.socket_path = socket_path
+        self.default_socket = socket_path is None
+        self.socket_path = Path(DEFAULT_SOCKET) if socket_path is None else socket_path
         self.extra = list(extra)
         self.proc: subprocess.Popen[str] | None = None
-        self.log_path = socket_path.with_suffix(".log")
+        self.log_path = state_dir.parent / f"serve-{self.socket_path.name}.log"
         self._log_from = 0
 
     @property
@@ -45,7 +48,8 @@ class Daemon:
         return f"qemu:///system?socket={self.socket_path}"
 
     def serve_args(self) -> list[str]:
-        return ["--socket", str(self.socket_path), *self.extra]
+        where = [] if self.default_socket else ["--socket", str(self.socket_path)]
+        return [*where, *self.extra]
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self._log_from = len(self.log())

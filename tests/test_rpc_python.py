@@ -61,7 +61,8 @@ async def test_backup_with_event_loop_callbacks_and_stats(env: RpcEnv, tmp_path:
         chk = "<domaincheckpoint><name>py1</name></domaincheckpoint>"
         dom.backupBegin(xml, chk, 0)
         deadline = time.monotonic() + 60
-        while not done.is_set() and time.monotonic() < deadline:
+        # libvirt sends JOB_COMPLETED before the last disk's BLOCK_JOB_2
+        while not (done.is_set() and seen["blocks"]) and time.monotonic() < deadline:
             libvirt.virEventRunDefaultImpl()
         stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         try:

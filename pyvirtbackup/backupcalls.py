@@ -237,25 +237,26 @@ class BackupCalls(CheckpointCalls):
         server = bdef.server
         assert server is not None
         nbd.check_export_names(plan)
+        pass_fd = dom.monitor.can_pass_fds
+        chmod: tuple[str, int] | None = None
         if server.transport == "fd":  # a listening socket the caller associated
             assert server.fdgroup is not None
             listener = self._fd_listener(dom, server.fdgroup)  # type: ignore[attr-defined]
             if not bind:
                 listener.release()
-            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
-            return listener
-        if not bind:  # a dry run: the same steps, no socket
-            if dom.monitor.can_pass_fds:
+            pass_fd = True
+            address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+        elif not bind:  # a dry run: the same steps, no socket
+            if pass_fd:
                 address = nbd.fd_address(nbd.LISTEN_FD_NAME)
             elif server.transport == "unix":
                 address = nbd.unix_address(server.socket or "")
             else:
                 address = nbd.inet_address(server.name or "", server.port or 0)
-            nbd.add_pull_steps(plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds)
-            return Listener(
+            listener = Listener(
                 server.transport, host=server.name, port=server.port, path=server.socket
             )
-        if dom.monitor.can_pass_fds:
+        elif pass_fd:
             if server.transport == "unix":
                 assert server.socket is not None
                 listener = listen.listen_unix(server.socket, self.nbd_socket_mode)
@@ -263,22 +264,25 @@ class BackupCalls(CheckpointCalls):
                 assert server.name is not None
                 listener = listen.listen_tcp(server.name, server.port)
                 server.port = listener.port
-            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
-            return listener
-        if server.transport == "unix":
+            address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+        elif server.transport == "unix":
             assert server.socket is not None
             listen.check_unix_path(server.socket)
-            nbd.add_pull_steps(
-                plan,
-                nbd.unix_address(server.socket),
-                tls=tls,
-                chmod=(server.socket, self.nbd_socket_mode),
-            )
-            return Listener("unix", path=server.socket)
-        assert server.name is not None
-        server.port = server.port or listen.pick_tcp_port(server.name)
-        nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
-        return Listener("tcp", host=server.name, port=server.port)
+            address = nbd.unix_address(server.socket)
+            chmod = (server.socket, self.nbd_socket_mode)
+            listener = Listener("unix", path=server.socket)
+        else:
+            assert server.name is not None
+            server.port = server.port or listen.pick_tcp_port(server.name)
+            address = nbd.inet_address(server.name, server.port)
+            listener = Listener("tcp", host=server.name, port=server.port)
+        handshake = None
+        if dom.features.has(nbd.HANDSHAKE_FEATURE):
+            handshake = self.nbd_handshake_max_seconds
+        nbd.add_pull_steps(
+            plan, address, tls=tls, pass_fd=pass_fd, chmod=chmod, handshake_max_seconds=handshake
+        )
+        return listener
 
     async def _record_begin_checkpoint(
         self, dom: Domain, job: BackupJob, chk: CheckpointDef, targets: list[Any]

@@ -21,6 +21,7 @@ from .enums import (
     ConnectListAllDomainsFlags,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
+from .qemu.features import probe as probe_features
 from .qemu.monitor import Address, Monitor
 from .state import check_component
 
@@ -42,6 +43,9 @@ class Driver(BackupCalls, DomainCalls):
     backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
     makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
     mode of a ``transport='unix'`` socket (owner-only by default).
+    ``nbd_handshake_max_seconds``: a client that has not finished its NBD (and
+    TLS) handshake by then is dropped, where QEMU can do that (10.0+; see
+    ``Domain.features``).
 
     ``keep_failed_checkpoints``: libvirt keeps the checkpoint created with a push
     that then failed or was cancelled; by default we drop it (see backupcalls).
@@ -72,6 +76,7 @@ class Driver(BackupCalls, DomainCalls):
         mon = Monitor(f"pyvirtbackup-{name}")
         await mon.connect(qmp, timeout=self.connect_timeout)
         try:
+            features = await probe_features(mon)
             found, nodes = await self._discover(mon, disks)
             dstate = self.state.domain(name)
             record = dstate.read_record() or {}
@@ -91,6 +96,10 @@ class Driver(BackupCalls, DomainCalls):
             raise
         dom = Domain(name, dom_uuid, qmp, mon, found, nodes, dict(disks) if disks else None)
         dom.agent = agent
+        dom.features = features
+        log.info("domain %s: QEMU %s", name, features.version_string)
+        for f in features.features.values():
+            log.debug("domain %s: %s %s: %s", name, f.name, f.present, f.reason)
         dom.completed = dstate.read_completed()
         dom.checkpoints = CheckpointTree.load(dstate)
         self.domains[name] = dom

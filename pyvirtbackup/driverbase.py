@@ -23,6 +23,7 @@ from .errors import ErrorDomain, ErrorNumber, VirError
 from .events import EventRegistry
 from .qemu import blockgraph, nbd
 from .qemu.blockgraph import Disk
+from .qemu.features import QemuFeatures
 from .qemu.job import BackupJob
 from .qemu.monitor import Address, Monitor
 from .qemu.plan import (
@@ -141,6 +142,8 @@ class Domain:
     finishing: asyncio.Task[None] | None = field(default=None, repr=False)
     # what taking over an earlier process's backup found not matching QEMU
     recovery_problems: list[str] = field(default_factory=list, repr=False)
+    # what this QEMU supports, read at attach; nothing known until then
+    features: QemuFeatures = field(default_factory=QemuFeatures.unknown, repr=False)
     agent: str | None = field(default=None, repr=False)  # the guest agent's socket
 
     def UUIDString(self) -> str:
@@ -167,6 +170,7 @@ class DriverBase:
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
         nbd_socket_mode: int = 0o600,
+        nbd_handshake_max_seconds: int = 10,
         keep_failed_checkpoints: bool = False,
     ) -> None:
         self.state = State(state_dir)
@@ -177,6 +181,7 @@ class DriverBase:
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
         self.nbd_socket_mode = nbd_socket_mode
+        self.nbd_handshake_max_seconds = nbd_handshake_max_seconds
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}

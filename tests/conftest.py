@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,19 @@ async def driver(tmp_path: Path) -> AsyncIterator[Driver]:
     drv = Driver(state_dir=tmp_path / "state")
     yield drv
     await drv.close()
+
+
+def pytest_report_header() -> list[str]:
+    """Which QEMU this pass runs against (scripts/test runs one pass per QEMU)."""
+    lines = []
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        where = shutil.which(tool)
+        version = "not found"
+        if where:
+            out = subprocess.run([where, "--version"], capture_output=True, text=True, timeout=30)
+            version = out.stdout.splitlines()[0] if out.stdout else "no version"
+        lines.append(f"{tool}: {where} ({version})")
+    return lines
 
 
 @pytest.fixture(autouse=True, scope="session")

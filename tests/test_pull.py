@@ -30,7 +30,7 @@ from pyvirtbackup.qemu import imgtools, listen
 from pyvirtbackup.qemu.nbd import TLS_ALIAS
 
 from . import drivertools
-from .certs import Pki, make_pki
+from .certs import Pki, make_flawed, make_pki
 from .conftest import VM, MiB
 from .nbd_clients import (
     HeldClient,
@@ -310,6 +310,7 @@ async def test_tls_without_peer_verification_still_requires_tls(vm_factory, driv
         ("dangling", "server-cert.pem"),
         ("directory", "ca-cert.pem"),
         ("not-pem", "server-cert.pem"),
+        ("refused-by-newer-qemu", "server-cert.pem"),
     ],
 )
 async def test_tls_files_are_checked_before_anything_is_added(
@@ -317,7 +318,9 @@ async def test_tls_files_are_checked_before_anything_is_added(
 ):
     vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
     certs = tmp_path / "certs"
-    if breakage != "no-dir":
+    if breakage == "refused-by-newer-qemu":  # well-formed, but QEMU 10.0 refuses it
+        certs = make_flawed(tmp_path, pki, "ecdsa-key-without-key-encipherment")
+    elif breakage != "no-dir":
         certs.mkdir()
         for f in pki.server.iterdir():
             (certs / f.name).write_bytes(f.read_bytes())
@@ -338,7 +341,7 @@ async def test_tls_files_are_checked_before_anything_is_added(
         await drv.domainBackupBegin(
             dom, pull_xml("<server name='localhost' tls='yes'/>", {"vda": scratch})
         )
-    assert exc.value.code == ErrorNumber.OPERATION_INVALID
+    assert exc.value.code == ErrorNumber.CONF_SYNTAX
     assert str(certs / named) in exc.value.message
     await assert_nothing_left(vm, before, [scratch])
 

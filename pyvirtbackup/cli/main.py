@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent", metavar="SOCKET", help="the guest agent's unix socket (for fs freeze/thaw)"
     )
     cmd("detach", "forget a domain")
+    sp = cmd("qemu-features", "what the domain's QEMU supports, and the choice each makes")
+    sp.add_argument("--json", action="store_true")
     sp = cmd("list", "attached domains with their backup job and checkpoints", domain=False)
     sp.add_argument("--with-checkpoint", action="store_true")
     sp.add_argument("--without-checkpoint", action="store_true")
@@ -382,6 +384,19 @@ async def ask(question: str) -> bool:
         return False
     answer = await asyncio.get_running_loop().run_in_executor(None, input, "\n" + question)
     return answer.strip().lower() in ("y", "yes")
+
+
+async def cmd_qemu_features(driver: Driver, args: argparse.Namespace) -> int:
+    dom = await open_domain(driver, args.domain)
+    features = dom.features.describe()
+    if args.json:
+        output.dump_json({"qemu": dom.features.version_string, "features": features})
+        return 0
+    print(f"QEMU {dom.features.version_string}")
+    for f in features:
+        print(f"{'yes' if f['present'] else 'no ':<4} {f['feature']}")
+        print(f"     {f['choice']}")
+    return 0
 
 
 async def cmd_backup_dumpxml(driver: Driver, args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 
 from ..errors import VirError
-from .job import RUNNING, BackupJob, _progress
+from .job import BackupJob
+from .jobcore import RUNNING, progress
 
 
 async def disk_progress(job: BackupJob, disk: str) -> tuple[int, int] | None:
@@ -21,6 +22,6 @@ async def disk_progress(job: BackupJob, disk: str) -> tuple[int, int] | None:
         with contextlib.suppress(VirError):
             for qjob in await job.mon.execute("query-jobs"):
                 if qjob.get("id") == jid:
-                    return _progress(rt.plan, qjob)
+                    return progress(rt.plan, qjob)
         return rt.current, rt.total
     return None

@@ -18,6 +18,8 @@ from typing import Any
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
 from .plan import Plan, Step
+from .tlsfiles import check_server_files
+from .tlsfiles import tls_error as _tls_error
 
 # What QEMU's tls-creds-x509 server endpoint loads from its directory: the first
 # three it requires, the other two it reads when they exist.
@@ -25,6 +27,7 @@ TLS_REQUIRED_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 TLS_OPTIONAL_FILES = ("ca-crl.pem", "dh-params.pem")
 
 TLS_ALIAS = "pvb-backup-tls0"
+HANDSHAKE_FEATURE = "nbd-server-start.handshake-max-seconds"
 LISTEN_FD_NAME = "pvb-nbd-listen"
 
 
@@ -37,17 +40,13 @@ class TlsCreds:
     alias: str = TLS_ALIAS
 
 
-def _tls_error(message: str) -> VirError:
-    # libvirt's number for "backup TLS directory not configured"; one number for
-    # every TLS set-up problem, and the message says which file and what is wrong
-    return VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, message)
-
-
 def check_tls_dir(directory: str) -> None:
-    """Find a missing or unreadable certificate before anything is added to QEMU.
+    """Find a missing, unreadable or unacceptable certificate before anything is
+    added to QEMU.
 
     QEMU would find it too, but only at object-add, after the scratch images
-    exist, and with a message that does not say how to fix it.
+    exist, with a message that does not say how to fix it, and a newer QEMU
+    refuses certificates an older one took (``tlsfiles``).
     """
     hint = "set Driver(tls_x509_cert_dir=...) to a directory holding " + ", ".join(
         TLS_REQUIRED_FILES
@@ -71,6 +70,7 @@ def check_tls_dir(directory: str) -> None:
             raise _tls_error(f"backup TLS file '{path}' is not readable: {exc.strerror}") from None
         if b"-----BEGIN " not in head:
             raise _tls_error(f"backup TLS file '{path}' is not a PEM file")
+    check_server_files(directory)
 
 
 def tls_steps(creds: TlsCreds) -> list[Step]:
@@ -110,6 +110,7 @@ def server_steps(
     tls_alias: str | None = None,
     pass_fd: bool = False,
     chmod: tuple[str, int] | None = None,
+    handshake_max_seconds: int | None = None,
 ) -> list[Step]:
     """Start QEMU's (only) NBD server.
 
@@ -117,7 +118,8 @@ def server_steps(
     ``getfd`` first: the port is known before QEMU sees it and a unix socket is
     owner-only from its first instant. ``chmod`` is the fallback for monitors that
     cannot pass descriptors: QEMU binds the path and we narrow its mode at once,
-    before any export exists.
+    before any export exists. ``handshake_max_seconds`` (QEMU 10.0+) drops a
+    client that does not finish its handshake in time.
     """
     steps: list[Step] = []
     if pass_fd:
@@ -134,6 +136,8 @@ def server_steps(
     args: dict[str, Any] = {"addr": address}
     if tls_alias:
         args["tls-creds"] = tls_alias
+    if handshake_max_seconds is not None:
+        args["handshake-max-seconds"] = handshake_max_seconds
     steps.append(Step("qmp", "nbd-server-start", args, undo=[Step("qmp", "nbd-server-stop", {})]))
     if chmod is not None:
         path, mode = chmod
@@ -183,6 +187,7 @@ def add_pull_steps(
     tls: TlsCreds | None = None,
     pass_fd: bool = False,
     chmod: tuple[str, int] | None = None,
+    handshake_max_seconds: int | None = None,
 ) -> Plan:
     """Extend a planned pull backup with its NBD server and exports."""
     if plan.mode != "pull":
@@ -191,7 +196,11 @@ def add_pull_steps(
     if tls is not None:
         plan.prepare += tls_steps(tls)
     plan.prepare += server_steps(
-        address, tls_alias=tls.alias if tls else None, pass_fd=pass_fd, chmod=chmod
+        address,
+        tls_alias=tls.alias if tls else None,
+        pass_fd=pass_fd,
+        chmod=chmod,
+        handshake_max_seconds=handshake_max_seconds,
     )
     plan.after += export_steps(plan)
     return plan

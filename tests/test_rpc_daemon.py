@@ -9,10 +9,14 @@ import asyncio
 import grp
 import os
 import stat
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pyvirtbackup.qemu.agent import GuestAgent
 from pyvirtbackup.rpc.server import DEFAULT_SOCKET
 
 from .rpctools import SYSTEM_PYTHON, Daemon, MiB, RpcEnv, cli, env_fixture, run
@@ -20,6 +24,7 @@ from .rpctools import SYSTEM_PYTHON, Daemon, MiB, RpcEnv, cli, env_fixture, run
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 env = env_fixture([("vda", "qcow2", 8 * MiB, "virtio")])
+NO_FULL_FREEZE = ["-b", "guest-fsfreeze-freeze"]  # on this host it would freeze the host
 
 
 async def start_waiting(daemon: Daemon, timeout: float = 120.0) -> None:
@@ -119,3 +124,65 @@ async def test_guest_agent_errors(env: RpcEnv, tmp_path: Path) -> None:
             ), line
     finally:
         assert (await asyncio.to_thread(cli, env.state_dir, "detach", "vmga")).returncode == 0
+
+
+@pytest.fixture
+def guest_agent(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A real qemu-ga, run on this host as no guest OS is at hand, and a small ext4
+    mounted from a loop device for it to freeze. Freezing everything would freeze the
+    host: that command is disabled (-b), so only the listed filesystem can be frozen."""
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 * MiB)
+    for argv in (["mkfs.ext4", "-q", str(image)], ["mount", "-o", "loop", str(image), str(mnt)]):
+        result = run(argv)
+        assert result.returncode == 0, result.stderr
+    sock = tmp_path / "qga.sock"
+    agent = subprocess.Popen(
+        ["qemu-ga", "-m", "unix-listen", "-p", str(sock), "-t", str(tmp_path), *NO_FULL_FREEZE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "qemu-ga did not start"
+            time.sleep(0.02)
+        yield sock, mnt
+    finally:
+        run(["fsfreeze", "--unfreeze", str(mnt)])  # in case a test left it frozen
+        agent.terminate()
+        agent.wait(10)
+        result = run(["umount", str(mnt)])
+        assert result.returncode == 0, result.stderr
+
+
+async def test_fsfreeze_and_thaw_through_a_real_agent(
+    env: RpcEnv, guest_agent: tuple[Path, Path]
+) -> None:
+    sock, mnt = guest_agent
+    attached = await asyncio.to_thread(
+        cli, env.state_dir, "attach", "vmga", "--qmp", env.extra_qmp, "--agent", str(sock)
+    )
+    assert attached.returncode == 0, attached.stderr
+    status = GuestAgent(str(sock)).fsfreeze_status
+    try:
+        frozen = env.virsh("domfsfreeze", "vmga", "--mountpoint", str(mnt))
+        assert frozen.returncode == 0, frozen.stderr
+        assert frozen.stdout.strip() == "Froze 1 filesystem(s)"
+        assert await status() == "frozen"
+        thawed = env.virsh("domfsthaw", "vmga")
+        assert thawed.returncode == 0, thawed.stderr
+        assert thawed.stdout.strip() == "Thawed 1 filesystem(s)"
+        assert await status() == "thawed"
+        # the agent's own refusal travels with libvirt's number for it
+        refused = env.virsh("domfsfreeze", "vmga")
+        assert refused.returncode == 1
+        assert (
+            "internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze'"
+            in refused.stderr
+        )
+    finally:
+        detached = await asyncio.to_thread(cli, env.state_dir, "detach", "vmga")
+        assert detached.returncode == 0, detached.stderr

@@ -46,6 +46,7 @@ MAX_REQUESTS = 5  # calls of one client running at once (libvirt's max_client_re
 MAX_CLIENTS = 1024
 MAX_QUEUED_BYTES = 64 << 20  # unsent replies and events of a client that stopped reading
 SHUTDOWN_GRACE = 30.0  # how long SIGTERM waits for calls still running
+SWEEP_INTERVAL = 0.5  # how soon a domain detached by the CLI is let go
 _RECV_SIZE = 256 * 1024
 _FD_SPACE = socket.CMSG_SPACE(P.MESSAGE_NUM_FDS_MAX * 4)
 
@@ -450,7 +451,28 @@ class Daemon:
         assert self._sock is not None
         log.info("listening on %s", self.path)
         self._accepting = asyncio.ensure_future(self._accept_loop(loop, self._sock))
-        await self._stopped.wait()
+        sweeping = asyncio.ensure_future(self._sweep())
+        try:
+            await self._stopped.wait()
+        finally:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
+
+    async def _sweep(self) -> None:
+        """Let go of domains ``pyvirtbackup detach`` forgot meanwhile: QEMU serves one
+        client per QMP socket, and the next ``attach`` of it must not wait for us."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            for name, dom in list(self.driver.domains.items()):
+                try:
+                    gone = not self.driver.state.domain(name).exists()
+                except VirError:
+                    gone = True
+                if gone and dom.job is None and self.driver.domains.get(name) is dom:
+                    log.info("domain %s was detached; closing its monitor", name)
+                    with contextlib.suppress(Exception):
+                        await self.driver.detach(dom)
 
     async def _accept_loop(self, loop: asyncio.AbstractEventLoop, lsock: socket.socket) -> None:
         while True:

@@ -46,6 +46,7 @@ async def cmd_serve(driver: Driver, args: argparse.Namespace) -> int:
         format="pyvirtbackup[%(process)d]: %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # every QMP message: too much
     values = {"max_workers": args.max_workers, "speed": args.speed}
     driver.tuning = driver.tuning.merged({k: v for k, v in values.items() if v is not None})
     daemon = Daemon(driver, args.socket, group=args.group, max_clients=args.max_clients)

@@ -165,18 +165,26 @@ async def test_pull_on_a_passed_listening_socket(env: RpcEnv, tmp_path: Path) ->
         xml = ("<domainbackup mode='pull'><server transport='fd' fdgroup='nbdgroup'/>"
                "<disks><disk name='vda' type='file'>"
                f"<scratch file='{sys.argv[2]}.scratch'/></disk></disks></domainbackup>")
+        before = dom.blockJobInfo("vda", 0)
         dom.backupBegin(xml, None, 0)
         live = dom.backupGetXMLDesc(0)
+        during = dom.blockJobInfo("vda", 0)
         copied = subprocess.run(["nbdcopy", f"nbd+unix:///vda?socket={sys.argv[2]}",
                                  sys.argv[3]], capture_output=True, text=True)
-        dom.abortJob()
+        try:
+            dom.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+            postcopy = 0
+        except libvirt.libvirtError as e:
+            postcopy = [e.get_error_code(), e.get_error_message()]
+        dom.abortJobFlags(0)
         try:
             dom.backupBegin(xml.replace("nbdgroup", "other"), None, 0)
             missing = 0
         except libvirt.libvirtError as e:
             missing = e.get_error_code()
         print(json.dumps({"live": live, "copied": copied.returncode, "err": copied.stderr,
-                          "missing": missing}))
+                          "missing": missing, "before": before, "during": during,
+                          "postcopy": postcopy, "after": dom.blockJobInfo("vda", 0)}))
         """,
         env.uri,
         str(nbd_sock),
@@ -185,5 +193,13 @@ async def test_pull_on_a_passed_listening_socket(env: RpcEnv, tmp_path: Path) ->
     assert "transport='fd'" in out["live"] and "fdgroup='nbdgroup'" in out["live"]
     assert out["copied"] == 0, out["err"]
     assert out["missing"] == 8  # an fd group nobody associated: INVALID_ARG
+    # virtnbdbackup's question before a backup, and the disk's block job during one
+    assert out["before"] == {} and out["after"] == {}
+    assert out["during"]["type"] == 5  # VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP
+    assert out["during"]["end"] == 16 * MiB
+    assert out["postcopy"] == [
+        55,
+        "Requested operation is not valid: current job is not outgoing migration in post-copy mode",
+    ]
     same, message = await imgtools.compare(str(copy), str(before))
     assert same, message

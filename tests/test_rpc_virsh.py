@@ -151,6 +151,23 @@ async def test_push_without_xml_backs_up_every_disk(env: RpcEnv) -> None:
         made[0].unlink()
 
 
+async def test_push_reuse_external(env: RpcEnv, tmp_path: Path) -> None:
+    """--reuse-external: the target the user made is written, not refused."""
+    target = tmp_path / "made-by-user.qcow2"
+    await imgtools.create(str(target), 16 * MiB, "qcow2")
+    xml = tmp_path / "reuse.xml"
+    xml.write_text(
+        "<domainbackup><disks><disk name='sda' type='file'>"
+        f"<target file='{target}'/></disk></disks></domainbackup>"
+    )
+    assert "exists" in fails(env.virsh("backup-begin", "vm1", "--backupxml", str(xml)))
+    before = await env.snapshot("sda", tmp_path / "before.raw")
+    ok(env.virsh("backup-begin", "vm1", "--backupxml", str(xml), "--reuse-external"))
+    await finished(env)
+    same, message = await imgtools.compare(str(target), str(before))
+    assert same, message
+
+
 async def test_pull_with_and_without_checkpoint(env: RpcEnv, tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
     scratch = tmp_path / "scratch.qcow2"

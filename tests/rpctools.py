@@ -121,7 +121,12 @@ class RpcEnv:
         return self.daemon.state_dir
 
     def virsh(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return run(["virsh", "-c", self.uri, *args], timeout=timeout)
+        """virsh with this daemon's URI; options before the command go first too."""
+        options = []
+        while args and args[0].startswith("-"):
+            options += args[:2]
+            args = args[2:]
+        return run(["virsh", *options, "-c", self.uri, *args], timeout=timeout)
 
     async def write(self, disk: str, pattern: int, offset: int, length: int) -> None:
         await self.mon.qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")

@@ -186,3 +186,12 @@ async def test_fsfreeze_and_thaw_through_a_real_agent(
     finally:
         detached = await asyncio.to_thread(cli, env.state_dir, "detach", "vmga")
         assert detached.returncode == 0, detached.stderr
+
+
+async def test_keepalive_answered(env: RpcEnv) -> None:
+    """virsh pings every second and gives up after one unanswered ping; it stays."""
+    result = await asyncio.to_thread(
+        env.virsh, "-k", "1", "-K", "1", "event", "--all", "--timeout", "3"
+    )
+    assert "events received: 0" in result.stdout, result.stdout + result.stderr
+    assert "keepalive" not in result.stderr

@@ -259,6 +259,11 @@ async def test_errors_carry_libvirt_messages(env: RpcEnv, tmp_path: Path) -> Non
     assert "unsupported configuration: no disk named 'nope'" in fails(
         env.virsh("backup-begin", "vm1", "--backupxml", str(bad))
     )
+    # a read-only connection reads and is refused changes
+    readonly = run(["virsh", "-r", "-c", env.uri, "domjobabort", "vm1"])
+    assert readonly.returncode == 1
+    assert "operation forbidden: read only access prevents" in readonly.stderr
+    assert run(["virsh", "-r", "-c", env.uri, "domstate", "vm1"]).stdout.strip() == "paused"
     # a procedure not served: NO_SUPPORT, named, and the connection goes on serving
     stderr = fails(env.virsh("snapshot-list", "vm1"))
     assert "this function is not supported by the connection driver" in stderr

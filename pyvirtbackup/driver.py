@@ -47,6 +47,13 @@ class Driver(BackupCalls, DomainCalls):
     TLS) handshake by then is dropped, where QEMU can do that (10.0+; see
     ``Domain.features``).
 
+    Fleecing (on by default, ``fleecing=False`` or a begin's ``fleecing=False`` for
+    libvirt's direct sequence): the guest's writes wait only for a local fleecing
+    image, never for the backup's target or scratch; a write waits at most
+    ``cbw_timeout`` seconds for it before the backup (not the write) fails. A push
+    disk's image goes where ``pvb:fleecing`` says, else into ``fleecing_dir``, else
+    next to the disk's image (else into the state directory).
+
     ``keep_failed_checkpoints``: libvirt keeps the checkpoint created with a push
     that then failed or was cancelled; by default we drop it (see backupcalls).
     ``connect_timeout`` bounds every wait for QEMU's monitor to answer a connect.

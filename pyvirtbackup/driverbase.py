@@ -24,6 +24,7 @@ from .events import EventRegistry
 from .qemu import blockgraph, nbd
 from .qemu.blockgraph import Disk
 from .qemu.features import QemuFeatures
+from .qemu.fleecing import DEFAULT_CBW_TIMEOUT, FleecingSettings
 from .qemu.job import BackupJob
 from .qemu.monitor import Address, Monitor
 from .qemu.plan import (
@@ -114,6 +115,9 @@ class PreparedBackup:
     tls: nbd.TlsCreds | None
     chk: CheckpointDef | None = None  # created in the backup's transaction
     targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
+    fleecing: FleecingSettings | None = None
+    suffix: str = ""  # what generated file names end with
+    preserve_shutdown: bool = False
     job: Any = None  # the BackupJob once begin made it (how far it got, on failure)
 
 
@@ -172,6 +176,9 @@ class DriverBase:
         nbd_socket_mode: int = 0o600,
         nbd_handshake_max_seconds: int = 10,
         keep_failed_checkpoints: bool = False,
+        fleecing: bool = True,
+        fleecing_dir: str | None = None,
+        cbw_timeout: int = DEFAULT_CBW_TIMEOUT,
     ) -> None:
         self.state = State(state_dir)
         # libvirt keeps the checkpoint of a push that failed or was cancelled; the
@@ -182,6 +189,9 @@ class DriverBase:
         self.tls_x509_verify = tls_x509_verify
         self.nbd_socket_mode = nbd_socket_mode
         self.nbd_handshake_max_seconds = nbd_handshake_max_seconds
+        self.fleecing = fleecing
+        self.fleecing_dir = fleecing_dir
+        self.cbw_timeout = cbw_timeout
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}

@@ -255,6 +255,15 @@ class State:
     def domain(self, name: str) -> DomainState:
         return DomainState(self.root, name)
 
+    def fleecing_dir(self) -> Path:
+        """Where fleecing images go when nothing better is known: private to us."""
+        path = self.root / "fleecing"
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _state_error("create", path, exc) from None
+        return path
+
     def domain_names(self) -> list[str]:
         ddir = self.root / "domains"
         if not ddir.is_dir():

@@ -103,6 +103,7 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
         existing: dict[str, TestDisk] | None = None,
         subdir: str = "images",
         extra_args: Sequence[str] = (),
+        paused: bool = True,
     ) -> VM:
         workdir = tmp_path / subdir
         workdir.mkdir(exist_ok=True)
@@ -120,6 +121,7 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
                 for d in test_disks.values()
             ],
             extra_args=list(extra_args),
+            paused=paused,
         )
         await proc.start()
         mon = Monitor("test-orchestrator")

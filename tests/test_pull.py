@@ -162,7 +162,8 @@ async def test_unix_export_shows_the_disks_as_at_begin(vm_factory, drivers, tmp_
     stats = await drv.domainGetJobStats(dom)
     assert stats["type"] == JobType.UNBOUNDED
     assert stats["disk_temp_total"] == 32 * MiB
-    assert 4 * MiB <= stats["disk_temp_used"] <= 32 * MiB
+    # the scratch holds what the guest overwrote: 2 MiB of data (holes cost nothing)
+    assert 2 * MiB <= stats["disk_temp_used"] <= 32 * MiB
 
     out_vda, out_vdb = str(tmp_path / "vda.out"), str(tmp_path / "vdb.out")
     await nbdcopy(unix_uri(sock, "vda"), out_vda)
@@ -177,7 +178,7 @@ async def test_unix_export_shows_the_disks_as_at_begin(vm_factory, drivers, tmp_
 
     final = await drv.domainGetJobStats(dom, JobStatsFlags.COMPLETED)
     assert final["type"] == JobType.COMPLETED and final["success"] is True
-    assert final["disk_temp_total"] == 32 * MiB and final["disk_temp_used"] >= 4 * MiB
+    assert final["disk_temp_total"] == 32 * MiB and final["disk_temp_used"] >= 2 * MiB
     assert completed == [final]
     with pytest.raises(VirError) as exc:
         await drv.domainBackupGetXMLDesc(dom)

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the QMP commands that would run; change nothing",
     )
+    sp.add_argument(
+        "--no-fleecing",
+        action="store_true",
+        help="libvirt's direct sequence: a full or slow target can fail or stall the "
+        "guest's writes",
+    )
     sp.add_argument("--max-workers", type=int, help="QEMU copy workers per disk (x-perf)")
     sp.add_argument("--max-chunk", type=int, help="QEMU copy chunk in bytes (x-perf)")
     sp.add_argument("--speed", type=int, help="throttle each disk's job, bytes/s")
@@ -323,13 +329,16 @@ async def cmd_backup_begin(driver: Driver, args: argparse.Namespace) -> int:
     checkpoint_xml = read_file(args.checkpointxml)
     flags = BackupBeginFlags.REUSE_EXTERNAL if args.reuse_external else 0
     tuning = tuning_from(args)
+    fleecing = False if args.no_fleecing else None
     if args.dry_run:
         for step in await driver.backup_dry_run(
-            dom, backup_xml, checkpoint_xml, flags, tuning=tuning
+            dom, backup_xml, checkpoint_xml, flags, tuning=tuning, fleecing=fleecing
         ):
             print(json.dumps(step))
         return 0
-    await driver.domainBackupBegin(dom, backup_xml, checkpoint_xml, flags, tuning=tuning)
+    await driver.domainBackupBegin(
+        dom, backup_xml, checkpoint_xml, flags, tuning=tuning, fleecing=fleecing
+    )
     print("Backup started")
     if not args.wait:
         return 0

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..enums import JobOperation, JobType
 from ..errors import ErrorDomain, ErrorNumber, VirError
+from . import probe
 from .executor import StepRunner
 from .jobcore import (
     CANCELLED,
@@ -35,7 +36,7 @@ from .jobcore import (
     finish_even_if_cancelled,
     progress,
 )
-from .jobevents import JobEvents
+from .jobevents import DISK_END, JobEvents, broken_view_message
 from .listen import Listener
 from .monitor import Monitor
 from .plan import Plan, Step
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+VIEW_CHECK_INTERVAL = 2.0  # seconds between checks of a fleecing pull's views
 
 
 class BackupJob(JobEvents, JobRecord, StepRunner):
@@ -103,6 +106,11 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self._export_deleted: dict[str, asyncio.Event] = {}
         self._lost: set[str] = set()
         self._ended: dict[str, dict[str, Any]] = {}  # BLOCK_JOB_COMPLETED/CANCELLED data
+        self.guest_shut_down = False  # the guest powered off while the job ran
+        self.paused_by_us = False  # the guest is stopped for the instant (on record)
+        self.pause_ms: float | None = None  # how long the last instant paused the guest
+        self._probe_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
 
     # timing and stats -----------------------------------------------------------
 
@@ -122,20 +130,27 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             with contextlib.suppress(VirError):
                 live = {j["id"]: j for j in await self.mon.execute("query-jobs")}
         current = total = 0
+        broken: list[str] = []
         for jid, d in self.disks.items():
             if d.state == RUNNING and jid in live:
                 cur, tot = progress(d.plan, live[jid])
-                current += cur
-                total += tot
+            elif d.state == RUNNING and not d.plan.has_qemu_job and self.mon.connected:
+                cur, tot = await self._temp_used(d.plan), d.plan.size
+                problem = await self._check_view(jid)
+                if problem:
+                    broken.append(problem)
             else:
-                current += d.current
-                total += d.total
+                cur, tot = d.current, d.total
+            current += cur
+            total += tot
         stats: dict[str, Any] = {
             "type": JobType.UNBOUNDED,
             "operation": int(JobOperation.BACKUP),
             "time_elapsed": self.elapsed_ms(),
         }
         stats.update(self._disk_numbers(current, total))
+        if broken:  # the job ends a moment later; say why now
+            stats["errmsg"] = broken[0]
         return stats
 
     def _disk_numbers(self, current: int, total: int) -> dict[str, int]:
@@ -157,11 +172,14 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
     # begin ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Record the intent, make the stores, run the transaction, then the exports.
+        """Record the intent, make the stores, take the instant, then what follows.
 
-        On failure (or cancellation) before the transaction succeeds everything
-        added is rolled back; after it, the jobs are cancelled and cleaned up as
-        after an abort, and the error is raised once nothing of ours is left.
+        The instant is the transaction (checkpoint bitmaps, the direct jobs) and the
+        switch of fleeced devices onto their filters, with the guest paused around
+        both when it runs, so that every disk and bitmap share it. On failure (or
+        cancellation) before the transaction succeeds everything added is rolled
+        back; after it, the backup is aborted and cleaned up as after an abort, and
+        the error is raised once nothing of ours is left.
         """
         self._listen()
         await self._changed()  # the intent: names of everything we are about to make
@@ -185,7 +203,12 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             await self._run_lane(self.plan.prepare, undo)
             if self.plan.prepare:
                 await self._changed()
-            await self._transaction()
+            await self._pause()
+            try:
+                await self._transaction()
+            except BaseException:
+                await finish_even_if_cancelled(self._resume())
+                raise
         except BaseException:
             for out in lanes:
                 undo += out
@@ -198,16 +221,101 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self.phase = STARTED
         for d in self.disks.values():
             d.state = RUNNING
-        await self._changed()
-        self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
+            d.launched = not d.plan.fleecing  # the direct jobs were in the transaction
         try:
+            try:
+                for step in self.plan.switch:
+                    await self._run(step)
+            finally:
+                await finish_even_if_cancelled(self._resume())
+            await self._changed()
+            self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
             for step in self.plan.after:
                 await self._run(step)
+                if step.command == "transaction":  # the fleecing pushes' jobs
+                    for d in self.disks.values():
+                        d.launched = True
         except BaseException as exc:
             self.first_error = self.first_error or str(exc)
+            if self._worker is None:
+                self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
             await finish_even_if_cancelled(self.abort(wait=True))
             raise
         await self._changed()
+        self._watch_snapshots()
+
+    # a pull's views, checked while clients read -------------------------------------
+
+    def _watch_snapshots(self) -> None:
+        """Check a fleecing pull's views every few seconds: QEMU tells nobody when one
+        breaks, and a broken one must end the backup promptly and loudly."""
+        if self._watcher is None and any(not d.plan.has_qemu_job for d in self.disks.values()):
+            self._watcher = asyncio.create_task(self._watch(), name="pvb-view-watch")
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        self._watcher = None
+
+    async def _watch(self) -> None:
+        while not self.done.is_set() and not self.detached:
+            await asyncio.sleep(VIEW_CHECK_INTERVAL)
+            for jid, d in list(self.disks.items()):
+                if d.state == RUNNING and not d.plan.has_qemu_job and self.mon.connected:
+                    await self._check_view(jid)
+
+    async def _check_view(self, jid: str) -> str | None:
+        """Read the disk's view; if it broke, end the disk with the reason."""
+        d = self.disks[jid]
+        async with self._probe_lock:
+            if d.state != RUNNING:
+                return None
+            try:
+                error = await probe.view_error(self.mon, d.plan)
+            except VirError as exc:  # taken down meanwhile, or QEMU gone: not a verdict
+                log.info("could not check the view of disk %s: %s", d.plan.disk, exc)
+                return None
+        if error is None:
+            return None
+        message = broken_view_message(d.plan)
+        log.error("%s (QEMU: %s)", message, error)
+        d.error = d.error or message
+        self._events.put_nowait({"event": DISK_END, "data": {"id": jid, "error": message}})
+        return message
+
+    # the instant --------------------------------------------------------------------
+
+    async def _pause(self) -> None:
+        """Stop a running guest for the instant, when devices are switched one by one.
+
+        On record first: a process killed while the guest is stopped leaves the
+        next attach a record that says to resume it.
+        """
+        if not self.plan.pauses:
+            return
+        status = (await self.mon.execute("query-status")).get("status")
+        if status != "running":  # paused, prelaunch: nothing runs to be stopped
+            return
+        self.paused_by_us = True
+        await self._changed()
+        self._paused_at = time.monotonic()
+        await self.mon.execute("stop")
+
+    async def _resume(self) -> None:
+        """Let the guest run again; tried hard, since a stopped guest is the worst outcome."""
+        if not self.paused_by_us:
+            return
+        for attempt in range(3):
+            try:
+                await self.mon.execute("cont")
+                break
+            except VirError as exc:
+                log.error("could not resume the guest after the backup's instant: %s", exc)
+                if not self.mon.connected:
+                    return  # the record still says paused: the next attach resumes it
+                await asyncio.sleep(0.1 * (attempt + 1))
+        self.pause_ms = (time.monotonic() - self._paused_at) * 1000
+        self.paused_by_us = False
 
     def final_type(self) -> JobType:
         states = [d.state for d in self.disks.values()]
@@ -228,6 +336,9 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         for dp in self.plan.disks:
             if dp.path in self.created_files and not keep:
                 self._remove_file(dp.path)
+            if dp.fleecing and dp.fleece_path and dp.fleece_path != dp.path:
+                self._remove_file(dp.fleece_path)  # a fleecing image is never kept
+        self._stop_watching()
         if self.listener is not None:
             self.listener.cleanup()
         self.finished_elapsed = self.elapsed_ms()
@@ -243,23 +354,48 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         if self.first_error:
             stats["errmsg"] = self.first_error
         self.result = JobResult(final, stats)
+        await self._restore_shutdown_action()
         self._unlisten()
         self.done.set()
         if self.callbacks.finished:
             res = self.callbacks.finished(self.result)
             if asyncio.iscoroutine(res):
                 await res
+        await self._carry_out_shutdown()
+
+    async def _restore_shutdown_action(self) -> None:
+        previous = self.plan.shutdown_restore
+        if previous is None or not self.mon.connected:
+            return
+        try:
+            await self.mon.execute("set-action", {"shutdown": previous})
+        except VirError as exc:
+            log.error("could not restore QEMU's shutdown action '%s': %s", previous, exc)
+
+    async def _carry_out_shutdown(self) -> None:
+        """The guest powered off while the backup ran and nobody resumed it since: do
+        what it asked for now that the backup is over."""
+        # status "shutdown" comes only from a guest power-off while the action was
+        # pause, which also covers one no driver saw (the event came while none ran)
+        if not (self.plan.shutdown_restore and self.mon.connected):
+            return
+        with contextlib.suppress(VirError):
+            status = (await self.mon.execute("query-status")).get("status")
+            if status == "shutdown" and self.plan.shutdown_restore == "poweroff":
+                log.warning("the guest shut down during the backup; QEMU quits now")
+                await self.mon.execute("quit")
 
     async def _qemu_gone(self) -> None:
         """QEMU exited: its nodes and jobs went with it; our files must go too."""
+        reason = self._gone_reason()
         for d in self.disks.values():
             if d.state == RUNNING:
                 d.state = FAILED
-                d.error = "QEMU exited while the backup was running"
+                d.error = reason
             elif d.state == CANCELLING:
                 d.state = CANCELLED
             d.cleaned = True
-        self.first_error = self.first_error or "QEMU exited while the backup was running"
+        self.first_error = self.first_error or reason
         self.exports_added.clear()
         self.server_started = False
         self.objects_added.clear()
@@ -288,14 +424,8 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         for jid in running:
             # a disk may have concluded while we awaited the previous cancel: its
             # final state must not be overwritten, or the job never terminates
-            if self.disks[jid].state != RUNNING:
-                continue
-            self.disks[jid].state = CANCELLING
-            try:
-                await self.mon.execute("block-job-cancel", {"device": jid, "force": True})
-            except VirError as exc:
-                # the job may have concluded meanwhile: its event is already queued
-                log.info("cancel of %s: %s", jid, exc)
+            if self.disks[jid].state == RUNNING:
+                await self._cancel_disk(jid)
         await self._changed()
         if wait:
             try:
@@ -317,6 +447,7 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._busy), timeout)
         self._unlisten()
+        self._stop_watching()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -39,6 +39,8 @@ class DiskRuntime:
     total: int = 0
     error: str | None = None
     cleaned: bool = False  # its QEMU job dismissed, store nodes and temp bitmap removed
+    launched: bool = False  # its QEMU block job exists (fleecing starts it after the instant)
+    error_op: str | None = None  # read or write, from BLOCK_JOB_ERROR
 
 
 @dataclass

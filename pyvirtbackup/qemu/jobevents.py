@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 from ..enums import BlockJobStatus
 from ..errors import ErrorDomain, ErrorNumber, VirError
+from . import teardown
 from .jobcore import (
     CANCELLED,
     CANCELLING,
@@ -24,8 +26,13 @@ from .jobcore import (
     progress,
 )
 from .monitor import Monitor
+from .plan import DiskPlan
 
 log = logging.getLogger(__name__)
+
+DISK_END = "PVB_DISK_END"  # our own event: a disk without a block job ended
+GUEST_SHUTDOWN = "PVB_GUEST_SHUTDOWN"
+FULL_BELOW = 1 << 20  # a filesystem with less free space counts as full
 
 
 class JobEvents:
@@ -69,6 +76,10 @@ class JobEvents:
                 ev.set()
         elif name == "BLOCK_JOB_ERROR" and data.get("device") in self.disks:
             self._events.put_nowait(event)
+        elif name == "SHUTDOWN" and data.get("guest"):
+            # kept (paused) with PRESERVE_SHUTDOWN_DOMAIN, gone in a moment without it
+            self.guest_shut_down = True
+            self._events.put_nowait({"event": GUEST_SHUTDOWN})
 
     def _on_disconnect(self) -> None:
         for fut in self._waiters.values():  # a create job waits for nothing now
@@ -106,12 +117,35 @@ class JobEvents:
         if name == "PVB_DISCONNECTED":
             await self._connection_lost()
             return
+        if name == GUEST_SHUTDOWN:
+            log.warning(
+                "the guest shut down during the backup; %s",
+                "QEMU is kept until the backup ends"
+                if self.plan.shutdown_restore
+                else "QEMU exits and the backup fails",
+            )
+            await self._changed()
+            return
         if name == "BLOCK_JOB_ERROR":
+            d = self.disks[data["device"]]
             op = data.get("operation", "I/O")
-            self.disks[data["device"]].error = self.disks[data["device"]].error or f"{op} error"
+            d.error = d.error or f"{op} error"
+            d.error_op = d.error_op or op
+            return
+        if name == DISK_END:  # a disk without a block job ended (abort, broken view)
+            await self._disk_concluded(data["id"], ended=data)
             return
         if data.get("status") == "concluded":
             await self._disk_concluded(data["id"])
+
+    def _gone_reason(self) -> str:
+        if self.guest_shut_down:
+            return (
+                "the guest shut down and QEMU exited while the backup was running (begin "
+                "with VIR_DOMAIN_BACKUP_BEGIN_PRESERVE_SHUTDOWN_DOMAIN to keep the domain "
+                "until the backup completes)"
+            )
+        return "QEMU exited while the backup was running"
 
     async def _connection_lost(self) -> None:
         """The monitor dropped. QEMU gone for sure: finish as failed. QEMU still there:
@@ -169,7 +203,8 @@ class JobEvents:
             return info
         return {"error": "QEMU did not tell how the backup job ended; treating it as failed"}
 
-    async def _disk_concluded(self, jid: str) -> None:
+    async def _disk_concluded(self, jid: str, ended: dict[str, Any] | None = None) -> None:
+        """One disk's job concluded (or, without a block job, ``ended`` says how)."""
         d = self.disks[jid]
         if d.state not in (RUNNING, CANCELLING):
             return
@@ -177,10 +212,19 @@ class JobEvents:
             # clients go first: once this or any fleecing job stops, a scratch node
             # reads through to the live disk, and a reader would mix then and now
             await self._stop_exports(only_if_ours=bool(self._lost))
-        info = await self._job_info(jid)
+        if ended is not None:
+            info: dict[str, Any] = {k: v for k, v in ended.items() if k == "error"}
+        else:
+            info = await self._job_info(jid)
         if "current-progress" in info:
             d.current, d.total = progress(d.plan, info)
+        elif d.plan.fleecing and not d.plan.has_qemu_job:
+            d.current, d.total = await self._temp_used(d.plan), d.plan.size
         error = info.get("error")
+        if error and self.guest_shut_down and not self.plan.shutdown_restore:
+            error = self._gone_reason()  # QEMU cancels the jobs on its way out
+        elif error and d.plan.fleecing and not (d.state == CANCELLING or self.cancel_requested):
+            error = explain_fleecing_error(d.plan, d.error_op, str(error))
         if d.state == CANCELLING or (self.cancel_requested and error):
             d.state = CANCELLED
         elif error:
@@ -208,31 +252,48 @@ class JobEvents:
             self.callbacks.disk_done(d.plan, status)
 
     async def _clean_disk(self, d: DiskRuntime) -> None:
-        """Dismiss the disk's job and remove its store nodes and temporary bitmap."""
+        """Take the disk's job, nodes, filter and temporary bitmaps out of QEMU, and
+        delete its fleecing image (never kept, whatever the outcome)."""
         dp = d.plan
-        if dp.job_id not in self._lost:
-            with contextlib.suppress(VirError):
-                await self.mon.execute("job-dismiss", {"id": dp.job_id})
-        for node in (dp.format_node, dp.storage_node):
-            try:
-                await self.mon.execute("blockdev-del", {"node-name": node})
-            except VirError as exc:
-                if dp.job_id not in self._lost:
-                    log.warning("could not delete node %s: %s", node, exc)
-        if self.mode == "push" and dp.bitmap and dp.bitmap_node:
-            with contextlib.suppress(VirError):
-                await self.mon.execute(
-                    "block-dirty-bitmap-remove", {"node": dp.bitmap_node, "name": dp.bitmap}
-                )
+        try:
+            async with self._probe_lock:  # no probe reads a view being taken down
+                problems = await teardown.take_down(self.mon, dp, job_lost=dp.job_id in self._lost)
+        except VirError as exc:  # QEMU went away meanwhile: its nodes went with it
+            problems = [] if not self.mon.connected else [str(exc)]
+        for problem in problems:
+            log.warning("%s", problem)
+        if dp.fleecing and dp.sync != "none" and dp.fleece_path:
+            self._remove_file(dp.fleece_path)
         d.cleaned = True
         await self._changed()
+
+    async def _cancel_disk(self, jid: str) -> None:
+        """Ask one running disk to stop: its block job if it has one, else it ends now."""
+        d = self.disks[jid]
+        d.state = CANCELLING
+        if d.plan.has_qemu_job:
+            try:
+                await self.mon.execute("block-job-cancel", {"device": jid, "force": True})
+                return
+            except VirError as exc:
+                if d.launched:  # it concluded meanwhile: its event is already queued
+                    log.info("cancel of %s: %s", jid, exc)
+                    return
+        # no block job (a fleecing pull, or a push whose job never started)
+        self._events.put_nowait({"event": DISK_END, "data": {"id": jid, "cancelled": True}})
 
     async def _cancel_running(self) -> None:
         for jid, other in self.disks.items():
             if other.state == RUNNING:
-                other.state = CANCELLING
-                with contextlib.suppress(VirError):
-                    await self.mon.execute("block-job-cancel", {"device": jid, "force": True})
+                await self._cancel_disk(jid)
+
+    async def _temp_used(self, dp: DiskPlan) -> int:
+        """Bytes a pull's fleecing image holds (libvirt's disk_temp_used)."""
+        with contextlib.suppress(VirError, KeyError, TypeError, ValueError):
+            for node in await self.mon.execute("query-named-block-nodes", {"flat": True}):
+                if node.get("node-name") == dp.fleece_storage_node:
+                    return int(node["image"]["actual-size"])
+        return 0
 
     async def _stop_exports(self, *, only_if_ours: bool = False) -> None:
         """Remove every export (dropping clients) and the NBD server, once.
@@ -270,3 +331,31 @@ class JobEvents:
             with contextlib.suppress(VirError):
                 await self.mon.execute("object-del", {"id": oid})
             self.objects_added.remove(oid)
+
+
+def explain_fleecing_error(dp: DiskPlan, op: str | None, error: str) -> str:
+    """Say what broke, the way an operator needs it: QEMU's own words for a broken
+    snapshot are "Permission denied", which points nowhere."""
+    if op == "write":
+        return (
+            f"writing the backup of disk '{dp.disk}' to '{dp.path}' failed: {error}; "
+            "the guest's writes were not affected"
+        )
+    if op == "read" or "Permission denied" in error or "broke" in error:
+        return broken_view_message(dp)
+    return f"the backup of disk '{dp.disk}' failed: {error}; the guest's writes were not affected"
+
+
+def broken_view_message(dp: DiskPlan) -> str:
+    path = dp.fleece_path or "?"
+    cause = f"no space left, an I/O error, or no answer within cbw-timeout={dp.cbw_timeout}s"
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(os.path.dirname(path) or ".")
+        free = fs.f_bavail * fs.f_frsize
+        if free < FULL_BELOW:
+            cause = f"its filesystem is full, {free} bytes free"
+    return (
+        f"the point-in-time view of disk '{dp.disk}' broke: its fleecing image '{path}' "
+        f"could not take the data the guest overwrote ({cause}); the guest's writes were "
+        "not affected, but this backup is incomplete"
+    )

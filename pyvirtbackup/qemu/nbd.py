@@ -160,21 +160,24 @@ def check_export_names(plan: Plan) -> None:
 
 
 def export_steps(plan: Plan) -> list[Step]:
-    """One read-only export of each scratch node, with the incremental bitmap if any.
-
-    The bitmap is the disabled temporary one on the scratch node: QEMU refuses to
-    export a bitmap that still records.
+    """One read-only export of each disk's point-in-time view (the fleecing filter's
+    snapshot-access node, or the scratch node the direct way), with the incremental
+    bitmap if any: the disabled temporary one, as QEMU refuses to export a bitmap
+    that still records.
     """
     steps = []
     for dp in plan.disks:
         args: dict[str, Any] = {
             "type": "nbd",
             "id": dp.export_id,
-            "node-name": dp.format_node,
+            "node-name": dp.access_node if dp.fleecing else dp.format_node,
             "name": dp.export_name,
             "writable": False,
         }
-        if dp.export_bitmap:
+        if dp.export_bitmap and dp.fleecing:
+            # the bitmap stays on the disk's node, which QEMU then wants named
+            args["bitmaps"] = [{"node": dp.bitmap_node, "name": dp.export_bitmap}]
+        elif dp.export_bitmap:
             args["bitmaps"] = [dp.export_bitmap]
         steps.append(Step("qmp", "block-export-add", args))
     return steps

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VirError
+from . import teardown
 from .jobcore import CANCELLING, PREPARING, RUNNING, STARTED, Callbacks
 from .listen import Listener
 from .monitor import Monitor
@@ -47,6 +48,9 @@ class JobRecord:
             "objects": list(self.objects_added),
             "cancel_requested": self.cancel_requested,
             "first_error": self.first_error,
+            "paused_by_us": self.paused_by_us,
+            "shutdown_restore": self.plan.shutdown_restore,
+            "guest_shut_down": self.guest_shut_down,
             "nbd_listener": (
                 {
                     "transport": self.listener.transport,
@@ -81,6 +85,9 @@ class JobRecord:
         job.objects_added = list(record.get("objects", []))
         job.cancel_requested = bool(record.get("cancel_requested"))
         job.first_error = record.get("first_error")
+        job.paused_by_us = bool(record.get("paused_by_us"))
+        job.plan.shutdown_restore = record.get("shutdown_restore")
+        job.guest_shut_down = bool(record.get("guest_shut_down"))
         lrec = record.get("nbd_listener")
         if lrec:
             ident = tuple(lrec["ident"]) if lrec.get("ident") else None
@@ -101,58 +108,77 @@ class JobRecord:
         disk is failed and its leftovers cleaned, never dropped silently.
         """
         self._listen()
+        problems = await self._resume_guest()
         jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
         if self.phase == PREPARING:
             if not set(self.disks) & set(jobs):
-                return await self._undo_interrupted_begin(jobs)
+                return problems + await self._undo_interrupted_begin(jobs)
             # the transaction ran before the process died: a started job
             self.phase = STARTED
             for d in self.disks.values():
                 d.state = d.state or RUNNING
-        problems = await self._reconcile(jobs)
+        problems += await self._reconcile(jobs)
         self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
         if not any(d.state in (RUNNING, CANCELLING) for d in self.disks.values()):
             await self._terminate()
+        else:
+            self._watch_snapshots()
         return problems
+
+    async def _resume_guest(self) -> list[str]:
+        """A process killed during the instant left the guest stopped: resume it."""
+        if not self.paused_by_us:
+            return []
+        self.paused_by_us = False
+        status = (await self.mon.execute("query-status")).get("status")
+        if status != "paused":
+            return []
+        await self.mon.execute("cont")
+        return ["the guest was left paused by a backup begin that was interrupted; it was resumed"]
 
     async def _reconcile(self, jobs: dict[str, dict[str, Any]]) -> list[str]:
         """Bring our view in line with QEMU's jobs (after a restart or a reconnect)."""
         problems: list[str] = []
+        nodes: set[str] = set()
+        if any(not d.plan.has_qemu_job for d in self.disks.values()):
+            nodes = await teardown.node_names(self.mon)
         for jid, d in self.disks.items():
             if d.state not in (RUNNING, CANCELLING):
                 if not d.cleaned:  # its outcome was recorded; finish its cleanup
                     await self._clean_disk(d)
                 continue
-            qjob = jobs.get(jid)
+            if not d.plan.has_qemu_job:  # a fleecing pull: its view is its job
+                qjob = {"status": "running"} if d.plan.access_node in nodes else None
+            else:
+                qjob = jobs.get(jid)
             if qjob is None:
                 problems.append(
                     f"backup job '{jid}' of disk '{d.plan.disk}' is gone from QEMU "
-                    "(QEMU restarted, or someone dismissed it)"
+                    "(QEMU restarted, someone dismissed it, or the begin that made it was "
+                    "interrupted before it started)"
                 )
                 self._lost.add(jid)
                 await self._disk_concluded(jid)
             elif qjob.get("status") in ("concluded", "null"):
                 await self._disk_concluded(jid)
+            else:
+                d.launched = True
         await self._changed()
         return problems
 
     async def _undo_interrupted_begin(self, jobs: dict[str, dict[str, Any]]) -> list[str]:
-        """A begin died before its transaction: remove what its record says it made."""
-        nodes = {
-            n["node-name"]
-            for n in await self.mon.execute("query-named-block-nodes", {"flat": True})
-        }
+        """A begin died before its backup started: remove what its record says it made
+        (a device already switched onto its filter is switched back)."""
+        problems: list[str] = []
         for dp in self.plan.disks:
-            for jid in (f"pvb-create-{dp.store_id}-storage", f"pvb-create-{dp.store_id}-format"):
+            prefix = f"pvb-create-{dp.store_id}"
+            for jid in (f"{prefix}-storage", f"{prefix}-format", f"{prefix}-fleece-format"):
                 if jid in jobs:
                     with contextlib.suppress(VirError):
                         await self.mon.execute("job-cancel", {"id": jid})
                     with contextlib.suppress(VirError):
                         await self.mon.execute("job-dismiss", {"id": jid})
-            for node in (dp.format_node, dp.storage_node):
-                if node in nodes:
-                    with contextlib.suppress(VirError):
-                        await self.mon.execute("blockdev-del", {"node-name": node})
+            problems += await teardown.take_down(self.mon, dp, job_lost=True)
         await self._stop_exports(only_if_ours=True)
         for path in list(self.created_files):
             self._remove_file(path)
@@ -160,6 +186,7 @@ class JobRecord:
             self.listener.cleanup()
         self._unlisten()
         self.done.set()
-        return [
+        problems.append(
             "a backup begin was interrupted before its jobs started; what it had made was removed"
-        ]
+        )
+        return problems

@@ -204,3 +204,32 @@ async def test_pull_on_a_passed_listening_socket(env: RpcEnv, tmp_path: Path) ->
     ]
     same, message = await imgtools.compare(str(copy), str(before))
     assert same, message
+
+
+async def test_begin_flags_pass_through(env: RpcEnv, tmp_path: Path) -> None:
+    """Flags reach the driver unchanged: PRESERVE_SHUTDOWN_DOMAIN (2, newer than this
+    libvirt-python) is accepted, an unknown bit refused with libvirt's INVALID_ARG."""
+    out = await asyncio.to_thread(
+        python,
+        """
+        conn = libvirt.open(uri)
+        dom = conn.lookupByName("vm1")
+        xml = ("<domainbackup><disks><disk name='vda' type='file'>"
+               f"<target file='{sys.argv[2]}'/></disk></disks></domainbackup>")
+        try:
+            dom.backupBegin(xml, None, 0x80)
+            unknown = 0
+        except libvirt.libvirtError as e:
+            unknown = e.get_error_code()
+        dom.backupBegin(xml, None, 2)
+        deadline = time.monotonic() + 60
+        while dom.jobStats(0)["type"] != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        print(json.dumps({"unknown": unknown, "stats": stats}))
+        """,
+        env.uri,
+        str(tmp_path / "preserve.qcow2"),
+    )
+    assert out["unknown"] == 8
+    assert out["stats"]["type"] == 3 and out["stats"]["success"] is True

@@ -252,12 +252,12 @@ class BackupCalls(CheckpointCalls):
         if bdef.server is None:
             bdef.server = BackupServer(transport="tcp", name="localhost")
         server = bdef.server
-        if server.transport not in ("tcp", "unix"):
+        if server.transport not in ("tcp", "unix", "fd"):
             raise VirError(
                 ErrorNumber.OPERATION_UNSUPPORTED,
                 ErrorDomain.QEMU,
                 f"transport '{server.transport}' for <server> is not supported; "
-                "use transport='tcp' or transport='unix'",
+                "use transport='tcp', 'unix' or 'fd'",
             )
         if not server.tls:
             return None
@@ -285,7 +285,14 @@ class BackupCalls(CheckpointCalls):
         nbd.check_export_names(plan)
         pass_fd = dom.monitor.can_pass_fds
         chmod: tuple[str, int] | None = None
-        if not bind:  # a dry run: the same steps, no socket
+        if server.transport == "fd":  # a listening socket the caller associated
+            assert server.fdgroup is not None
+            listener = self._fd_listener(dom, server.fdgroup)  # type: ignore[attr-defined]
+            if not bind:
+                listener.release()
+            pass_fd = True
+            address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+        elif not bind:  # a dry run: the same steps, no socket
             if pass_fd:
                 address = nbd.fd_address(nbd.LISTEN_FD_NAME)
             elif server.transport == "unix":
@@ -681,9 +688,7 @@ class BackupCalls(CheckpointCalls):
 
     async def domainAbortJob(self, dom: Domain, flags: int = 0) -> int:
         """Cancel the running backup; returns once everything of it is cleaned up."""
-        check_flags(flags, 0, "domainAbortJob")
-        if flags & AbortJobFlags.POSTCOPY:  # pragma: no cover - refused by check_flags
-            raise VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, "no post-copy job")
+        check_flags(flags, AbortJobFlags.POSTCOPY, "domainAbortJob")
         self._check_domain(dom)
         job = dom.job
         if job is None or job.done.is_set():
@@ -691,6 +696,12 @@ class BackupCalls(CheckpointCalls):
                 ErrorNumber.OPERATION_INVALID,
                 ErrorDomain.QEMU,
                 f"no job is active on domain '{dom.name}'",
+            )
+        if flags & AbortJobFlags.POSTCOPY:  # libvirt's answer for any job but a migration
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.QEMU,
+                "current job is not outgoing migration in post-copy mode",
             )
         await job.abort(wait=True)
         if dom.finishing is not None:  # a failed push's checkpoint being dropped

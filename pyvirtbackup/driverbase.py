@@ -148,6 +148,7 @@ class Domain:
     recovery_problems: list[str] = field(default_factory=list, repr=False)
     # what this QEMU supports, read at attach; nothing known until then
     features: QemuFeatures = field(default_factory=QemuFeatures.unknown, repr=False)
+    agent: str | None = field(default=None, repr=False)  # the guest agent's socket
 
     def UUIDString(self) -> str:
         return self.uuid

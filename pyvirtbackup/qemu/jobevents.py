@@ -214,6 +214,8 @@ class JobEvents:
             await self._stop_exports(only_if_ours=bool(self._lost))
         if ended is not None:
             info: dict[str, Any] = {k: v for k, v in ended.items() if k == "error"}
+            if ended.get("cancelled") and "error" not in info:
+                info["error"] = "Operation canceled"  # what a cancelled QEMU job says
         else:
             info = await self._job_info(jid)
         if "current-progress" in info:

@@ -113,6 +113,7 @@ async def main() -> int:
                 stop.set()
                 writes = await writer
                 stats = await driver.domainGetJobStats(dom, JobStatsFlags.COMPLETED)
+                failed_writes = vm.guest_write_failures()
 
             if desc:
                 print("\nbackup XML (domainBackupGetXMLDesc while it ran):")
@@ -122,9 +123,12 @@ async def main() -> int:
                 f"\nbackup       {'completed' if ok else 'FAILED: ' + stats.get('errmsg', '?')}; "
                 f"begin returned in {begin_s * 1000:.0f} ms, all done in {total_s:.2f} s"
             )
-            print(f"guest        {writes} writes of 64 KiB during the backup\n")
+            print(
+                f"guest        {writes} writes of 64 KiB during the backup, "
+                f"{failed_writes} of them failed\n"
+            )
             print(f"{'disk':5} {'target':58} {'size':>11} {'time':>7} {'MiB/s':>8}  verdict")
-            all_same = ok
+            all_same = ok and failed_writes == 0
             for d in disks:
                 target = f"{d.path}.{desc_suffix(desc)}" if desc else "?"
                 took = per_disk_done.get(d.name, t0 + total_s) - t0

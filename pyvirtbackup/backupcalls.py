@@ -36,6 +36,7 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .qemu import checkpoint_ops, listen, nbd
+from .qemu.actions import process_shutdown_action
 from .qemu.fleecing import FleecingSettings
 from .qemu.job import PREPARING, STARTED, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
@@ -51,6 +52,8 @@ from .qemu.plan import (
 )
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_ACTION = "set-action.shutdown"
 
 
 class BackupCalls(CheckpointCalls):
@@ -132,8 +135,21 @@ class BackupCalls(CheckpointCalls):
         return prep.plan.describe()
 
     def _check_begin_args(self, dom: Domain, flags: int) -> None:
-        check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        check_flags(
+            flags,
+            BackupBeginFlags.REUSE_EXTERNAL | BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN,
+            "domainBackupBegin",
+        )
         self._check_domain(dom)
+        if flags & BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN and not dom.features.has(
+            SHUTDOWN_ACTION
+        ):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                "VIR_DOMAIN_BACKUP_BEGIN_PRESERVE_SHUTDOWN_DOMAIN needs QEMU's set-action "
+                "with a shutdown action, which this QEMU lacks",
+            )
 
     async def _prepare_backup(
         self,
@@ -161,7 +177,16 @@ class BackupCalls(CheckpointCalls):
             enabled=self.fleecing if fleecing is None else fleecing, cbw_timeout=self.cbw_timeout
         )
         plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets, settings, suffix)
-        return PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets, settings, suffix)
+        prep = PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets, settings, suffix)
+        prep.preserve_shutdown = bool(flags & BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN)
+        self._preserve_shutdown(dom, prep)
+        return prep
+
+    def _preserve_shutdown(self, dom: Domain, prep: PreparedBackup) -> None:
+        """PRESERVE_SHUTDOWN_DOMAIN: a guest that powers off is paused until the backup
+        ends, then QEMU goes as it was configured to."""
+        if prep.preserve_shutdown:
+            prep.plan.preserve_shutdown(process_shutdown_action(dom.monitor.peer_pid()))
 
     async def _start_prepared(self, dom: Domain, prep: PreparedBackup) -> BackupJob:
         """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
@@ -197,6 +222,7 @@ class BackupCalls(CheckpointCalls):
                     prep.fleecing,
                     prep.suffix,
                 )
+                self._preserve_shutdown(dom, prep)
 
     async def _start_job(
         self, dom: Domain, prep: PreparedBackup, listener: Listener | None
@@ -226,12 +252,12 @@ class BackupCalls(CheckpointCalls):
         if bdef.server is None:
             bdef.server = BackupServer(transport="tcp", name="localhost")
         server = bdef.server
-        if server.transport not in ("tcp", "unix"):
+        if server.transport not in ("tcp", "unix", "fd"):
             raise VirError(
                 ErrorNumber.OPERATION_UNSUPPORTED,
                 ErrorDomain.QEMU,
                 f"transport '{server.transport}' for <server> is not supported; "
-                "use transport='tcp' or transport='unix'",
+                "use transport='tcp', 'unix' or 'fd'",
             )
         if not server.tls:
             return None
@@ -259,7 +285,14 @@ class BackupCalls(CheckpointCalls):
         nbd.check_export_names(plan)
         pass_fd = dom.monitor.can_pass_fds
         chmod: tuple[str, int] | None = None
-        if not bind:  # a dry run: the same steps, no socket
+        if server.transport == "fd":  # a listening socket the caller associated
+            assert server.fdgroup is not None
+            listener = self._fd_listener(dom, server.fdgroup)  # type: ignore[attr-defined]
+            if not bind:
+                listener.release()
+            pass_fd = True
+            address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+        elif not bind:  # a dry run: the same steps, no socket
             if pass_fd:
                 address = nbd.fd_address(nbd.LISTEN_FD_NAME)
             elif server.transport == "unix":
@@ -655,9 +688,7 @@ class BackupCalls(CheckpointCalls):
 
     async def domainAbortJob(self, dom: Domain, flags: int = 0) -> int:
         """Cancel the running backup; returns once everything of it is cleaned up."""
-        check_flags(flags, 0, "domainAbortJob")
-        if flags & AbortJobFlags.POSTCOPY:  # pragma: no cover - refused by check_flags
-            raise VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, "no post-copy job")
+        check_flags(flags, AbortJobFlags.POSTCOPY, "domainAbortJob")
         self._check_domain(dom)
         job = dom.job
         if job is None or job.done.is_set():
@@ -665,6 +696,12 @@ class BackupCalls(CheckpointCalls):
                 ErrorNumber.OPERATION_INVALID,
                 ErrorDomain.QEMU,
                 f"no job is active on domain '{dom.name}'",
+            )
+        if flags & AbortJobFlags.POSTCOPY:  # libvirt's answer for any job but a migration
+            raise VirError(
+                ErrorNumber.OPERATION_INVALID,
+                ErrorDomain.QEMU,
+                "current job is not outgoing migration in post-copy mode",
             )
         await job.abort(wait=True)
         if dom.finishing is not None:  # a failed push's checkpoint being dropped

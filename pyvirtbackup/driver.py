@@ -6,6 +6,7 @@ for the XML and ``qemu`` for QMP, recording state and emitting events in between
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid as uuidlib
@@ -14,6 +15,7 @@ from typing import Any
 
 from .backupcalls import BackupCalls
 from .checkpoints import CheckpointTree
+from .domaincalls import DomainCalls
 from .driverbase import DEFAULT_TLS_DIR, Domain, address_record, check_flags
 from .enums import (
     ConnectListAllDomainsFlags,
@@ -28,7 +30,7 @@ __all__ = ["DEFAULT_TLS_DIR", "Domain", "Driver"]
 log = logging.getLogger(__name__)
 
 
-class Driver(BackupCalls):
+class Driver(BackupCalls, DomainCalls):
     """libvirt's backup API for QEMUs started by someone else.
 
     ``state_dir`` holds checkpoint metadata and running-job records (default
@@ -64,11 +66,13 @@ class Driver(BackupCalls):
         name: str,
         qmp: Address,
         disks: Mapping[str, str] | None = None,
+        agent: str | None = None,
     ) -> Domain:
         """Connect to a running QEMU and discover its disks.
 
         ``disks`` maps disk names to top format node names, for orchestrators whose
         devices have no ids pyvirtbackup could use; it replaces discovery.
+        ``agent`` is the unix socket of the guest agent's channel, for fs freeze/thaw.
         """
         check_component(name, "domain")
         if name in self.domains:
@@ -90,6 +94,7 @@ class Driver(BackupCalls):
                     "uuid": dom_uuid,
                     "qmp": address_record(qmp),
                     "disks": dict(disks) if disks else None,
+                    "agent": agent,
                 }
             )
             dstate.write_record(record)
@@ -97,6 +102,7 @@ class Driver(BackupCalls):
             await mon.close()
             raise
         dom = Domain(name, dom_uuid, qmp, mon, found, nodes, dict(disks) if disks else None)
+        dom.agent = agent
         dom.features = features
         log.info("domain %s: QEMU %s", name, features.version_string)
         for f in features.features.values():
@@ -158,11 +164,21 @@ class Driver(BackupCalls):
         return out
 
     async def _attach_recorded(self, name: str) -> Domain:
+        # one attach at a time per domain: QEMU serves a QMP socket to one client
+        # at a time, so a second connect would wait for the first to let go
+        lock = self.__dict__.setdefault("_attach_locks", {}).setdefault(name, asyncio.Lock())
+        async with lock:
+            dom = self.domains.get(name)
+            if dom is not None and dom.monitor.connected:
+                return dom
+            return await self._attach_recorded_locked(name)
+
+    async def _attach_recorded_locked(self, name: str) -> Domain:
         record = self.state.domain(name).read_record() or {}
         qmp = record.get("qmp")
         address: Address = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
         try:
-            return await self.attach(name, address, record.get("disks"))
+            return await self.attach(name, address, record.get("disks"), record.get("agent"))
         except VirError as exc:
             log.info("domain %s is not reachable: %s", name, exc)
         dom = Domain(name, record.get("uuid", ""), address, Monitor(f"pyvirtbackup-{name}"))

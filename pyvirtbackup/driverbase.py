@@ -117,6 +117,7 @@ class PreparedBackup:
     targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
     fleecing: FleecingSettings | None = None
     suffix: str = ""  # what generated file names end with
+    preserve_shutdown: bool = False
     job: Any = None  # the BackupJob once begin made it (how far it got, on failure)
 
 
@@ -147,6 +148,7 @@ class Domain:
     recovery_problems: list[str] = field(default_factory=list, repr=False)
     # what this QEMU supports, read at attach; nothing known until then
     features: QemuFeatures = field(default_factory=QemuFeatures.unknown, repr=False)
+    agent: str | None = field(default=None, repr=False)  # the guest agent's socket
 
     def UUIDString(self) -> str:
         return self.uuid

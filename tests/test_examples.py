@@ -103,3 +103,4 @@ def test_cli_chain_script():
 def test_push_demo_small():
     out = run_example("push_backup.py", "--size-mib", "32")
     assert out.count("identical to the disk at begin") == 2, out
+    assert "of them failed" in out and ", 0 of them failed" in out, out

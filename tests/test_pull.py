@@ -498,17 +498,50 @@ async def test_failures_after_the_jobs_started_are_rolled_back(vm_factory, drive
     await assert_nothing_left(vm, before, [*scratch.values(), sock])
 
 
-async def test_fd_transport_is_refused(vm_factory, drivers, tmp_path):
+async def test_fd_transport_needs_an_associated_group(vm_factory, drivers, tmp_path):
     vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
     drv = drivers()
     dom = await drv.attach("vm1", vm.qmp)
     before = await node_names(vm)
-    with pytest.raises(VirError, match="transport 'fd'") as exc:
+    with pytest.raises(VirError, match="file descriptor group 'g' was not associated") as exc:
         await drv.domainBackupBegin(
             dom, "<domainbackup mode='pull'><server transport='fd' fdgroup='g'/></domainbackup>"
         )
-    assert exc.value.code == ErrorNumber.OPERATION_UNSUPPORTED
+    assert exc.value.code == ErrorNumber.INVALID_ARG
     await assert_nothing_left(vm, before, [])
+
+
+async def test_fd_transport_serves_on_the_associated_socket(vm_factory, drivers, tmp_path):
+    """domainFDAssociate, then transport='fd': QEMU's NBD server takes the caller's socket."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    drv = drivers()
+    dom = await drv.attach("vm1", vm.qmp)
+    path = str(tmp_path / "mine.sock")
+    mine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mine.bind(path)
+    mine.listen(4)
+    try:
+        await drv.domainFDAssociate(dom, "grp", [mine.fileno()])
+    finally:
+        mine.close()  # the driver keeps its own copy
+    scratch = tmp_path / "scratch.qcow2"
+    await drv.domainBackupBegin(
+        dom,
+        "<domainbackup mode='pull'><server transport='fd' fdgroup='grp'/>"
+        f"<disks><disk name='vda'><scratch file='{scratch}'/></disk></disks></domainbackup>",
+    )
+    live = await drv.domainBackupGetXMLDesc(dom)
+    assert "<server transport='fd' fdgroup='grp'/>" in live
+    before = await vm.snapshot("vda", str(tmp_path / "before.raw"))
+    copy = tmp_path / "copy.raw"
+    proc = await asyncio.create_subprocess_exec(
+        "nbdcopy", f"nbd+unix:///vda?socket={path}", str(copy)
+    )
+    assert await proc.wait() == 0
+    same, message = await imgtools.compare(str(copy), before)
+    assert same, message
+    await drv.domainAbortJob(dom)
+    drv.fd_groups_release(None)  # the owner given (none): its descriptors close
 
 
 async def test_over_a_tcp_monitor_qemu_binds_and_we_narrow(

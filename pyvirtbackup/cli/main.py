@@ -35,6 +35,7 @@ from ..errors import ErrorDomain, ErrorNumber, VirError
 from ..qemu.plan import Tuning
 from . import output
 from .progress import Progress
+from .serve import add_serve_parser, cmd_serve  # noqa: F401 - cmd_serve is a command
 
 
 class UsageError(Exception):
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=NODE",
         help="name a disk by its top node instead of discovering device ids",
+    )
+    sp.add_argument(
+        "--agent", metavar="SOCKET", help="the guest agent's unix socket (for fs freeze/thaw)"
     )
     cmd("detach", "forget a domain")
     sp = cmd("qemu-features", "what the domain's QEMU supports, and the choice each makes")
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("checkpoint-info", "facts about a checkpoint")
     sp.add_argument("checkpoint", metavar="CHECKPOINT")
     sp.add_argument("--json", action="store_true")
+    add_serve_parser(sub)
     return p
 
 
@@ -184,7 +189,7 @@ async def open_domain(driver: Driver, name: str) -> Domain:
         )
     qmp = record["qmp"]
     address: Any = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
-    dom = await driver.attach(name, address, record.get("disks"))
+    dom = await driver.attach(name, address, record.get("disks"), record.get("agent"))
     for problem in dom.recovery_problems:
         print(f"warning: {problem}", file=sys.stderr)
     return dom
@@ -256,7 +261,8 @@ async def cmd_attach(driver: Driver, args: argparse.Namespace) -> int:
         if not sep:
             raise UsageError(f"--disk wants NAME=NODE, not '{item}'")
         mapping[name] = node
-    dom = await driver.attach(args.domain, address, mapping or None)
+    agent = os.path.abspath(args.agent) if args.agent else None
+    dom = await driver.attach(args.domain, address, mapping or None, agent)
     for problem in dom.recovery_problems:
         print(f"warning: {problem}", file=sys.stderr)
     disks = ", ".join(

@@ -107,6 +107,7 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self._export_deleted: dict[str, asyncio.Event] = {}
         self._lost: set[str] = set()
         self._ended: dict[str, dict[str, Any]] = {}  # BLOCK_JOB_COMPLETED/CANCELLED data
+        self.guest_shut_down = False  # the guest powered off while the job ran
         self.paused_by_us = False  # the guest is stopped for the instant (on record)
         self.pause_ms: float | None = None  # how long the last instant paused the guest
         self._probe_lock = asyncio.Lock()
@@ -356,23 +357,48 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         if self.first_error:
             stats["errmsg"] = self.first_error
         self.result = JobResult(final, stats)
+        await self._restore_shutdown_action()
         self._unlisten()
         self.done.set()
         if self.callbacks.finished:
             res = self.callbacks.finished(self.result)
             if asyncio.iscoroutine(res):
                 await res
+        await self._carry_out_shutdown()
+
+    async def _restore_shutdown_action(self) -> None:
+        previous = self.plan.shutdown_restore
+        if previous is None or not self.mon.connected:
+            return
+        try:
+            await self.mon.execute("set-action", {"shutdown": previous})
+        except VirError as exc:
+            log.error("could not restore QEMU's shutdown action '%s': %s", previous, exc)
+
+    async def _carry_out_shutdown(self) -> None:
+        """The guest powered off while the backup ran and nobody resumed it since: do
+        what it asked for now that the backup is over."""
+        # status "shutdown" comes only from a guest power-off while the action was
+        # pause, which also covers one no driver saw (the event came while none ran)
+        if not (self.plan.shutdown_restore and self.mon.connected):
+            return
+        with contextlib.suppress(VirError):
+            status = (await self.mon.execute("query-status")).get("status")
+            if status == "shutdown" and self.plan.shutdown_restore == "poweroff":
+                log.warning("the guest shut down during the backup; QEMU quits now")
+                await self.mon.execute("quit")
 
     async def _qemu_gone(self) -> None:
         """QEMU exited: its nodes and jobs went with it; our files must go too."""
+        reason = self._gone_reason()
         for d in self.disks.values():
             if d.state == RUNNING:
                 d.state = FAILED
-                d.error = "QEMU exited while the backup was running"
+                d.error = reason
             elif d.state == CANCELLING:
                 d.state = CANCELLED
             d.cleaned = True
-        self.first_error = self.first_error or "QEMU exited while the backup was running"
+        self.first_error = self.first_error or reason
         self.exports_added.clear()
         self.server_started = False
         self.objects_added.clear()

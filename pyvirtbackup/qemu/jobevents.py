@@ -31,6 +31,7 @@ from .plan import DiskPlan
 log = logging.getLogger(__name__)
 
 DISK_END = "PVB_DISK_END"  # our own event: a disk without a block job ended
+GUEST_SHUTDOWN = "PVB_GUEST_SHUTDOWN"
 FULL_BELOW = 1 << 20  # a filesystem with less free space counts as full
 
 
@@ -75,6 +76,10 @@ class JobEvents:
                 ev.set()
         elif name == "BLOCK_JOB_ERROR" and data.get("device") in self.disks:
             self._events.put_nowait(event)
+        elif name == "SHUTDOWN" and data.get("guest"):
+            # kept (paused) with PRESERVE_SHUTDOWN_DOMAIN, gone in a moment without it
+            self.guest_shut_down = True
+            self._events.put_nowait({"event": GUEST_SHUTDOWN})
 
     def _on_disconnect(self) -> None:
         for fut in self._waiters.values():  # a create job waits for nothing now
@@ -112,6 +117,15 @@ class JobEvents:
         if name == "PVB_DISCONNECTED":
             await self._connection_lost()
             return
+        if name == GUEST_SHUTDOWN:
+            log.warning(
+                "the guest shut down during the backup; %s",
+                "QEMU is kept until the backup ends"
+                if self.plan.shutdown_restore
+                else "QEMU exits and the backup fails",
+            )
+            await self._changed()
+            return
         if name == "BLOCK_JOB_ERROR":
             d = self.disks[data["device"]]
             op = data.get("operation", "I/O")
@@ -123,6 +137,15 @@ class JobEvents:
             return
         if data.get("status") == "concluded":
             await self._disk_concluded(data["id"])
+
+    def _gone_reason(self) -> str:
+        if self.guest_shut_down:
+            return (
+                "the guest shut down and QEMU exited while the backup was running (begin "
+                "with VIR_DOMAIN_BACKUP_BEGIN_PRESERVE_SHUTDOWN_DOMAIN to keep the domain "
+                "until the backup completes)"
+            )
+        return "QEMU exited while the backup was running"
 
     async def _connection_lost(self) -> None:
         """The monitor dropped. QEMU gone for sure: finish as failed. QEMU still there:
@@ -191,6 +214,8 @@ class JobEvents:
             await self._stop_exports(only_if_ours=bool(self._lost))
         if ended is not None:
             info: dict[str, Any] = {k: v for k, v in ended.items() if k == "error"}
+            if ended.get("cancelled") and "error" not in info:
+                info["error"] = "Operation canceled"  # what a cancelled QEMU job says
         else:
             info = await self._job_info(jid)
         if "current-progress" in info:
@@ -198,7 +223,9 @@ class JobEvents:
         elif d.plan.fleecing and not d.plan.has_qemu_job:
             d.current, d.total = await self._temp_used(d.plan), d.plan.size
         error = info.get("error")
-        if error and d.plan.fleecing and not (d.state == CANCELLING or self.cancel_requested):
+        if error and self.guest_shut_down and not self.plan.shutdown_restore:
+            error = self._gone_reason()  # QEMU cancels the jobs on its way out
+        elif error and d.plan.fleecing and not (d.state == CANCELLING or self.cancel_requested):
             error = explain_fleecing_error(d.plan, d.error_op, str(error))
         if ended is not None and ended.get("broken"):
             d.state = FAILED  # a view that broke is an incomplete backup, aborted or not

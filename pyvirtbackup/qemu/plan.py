@@ -149,6 +149,21 @@ class Plan:
     transaction: list[dict[str, Any]] = field(default_factory=list)
     switch: list[Step] = field(default_factory=list)
     after: list[Step] = field(default_factory=list)  # steps after the instant
+    # PRESERVE_SHUTDOWN_DOMAIN: the guest's shutdown action while the job runs is
+    # pause; this is the one to restore (and to carry out) when it ends
+    shutdown_restore: str | None = None
+
+    def preserve_shutdown(self, previous: str) -> None:
+        self.shutdown_restore = previous
+        self.prepare.insert(
+            0,
+            Step(
+                "qmp",
+                "set-action",
+                {"shutdown": "pause"},
+                undo=[Step("qmp", "set-action", {"shutdown": previous})],
+            ),
+        )
 
     @property
     def pauses(self) -> bool:

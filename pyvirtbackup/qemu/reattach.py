@@ -49,6 +49,8 @@ class JobRecord:
             "cancel_requested": self.cancel_requested,
             "first_error": self.first_error,
             "paused_by_us": self.paused_by_us,
+            "shutdown_restore": self.plan.shutdown_restore,
+            "guest_shut_down": self.guest_shut_down,
             "nbd_listener": (
                 {
                     "transport": self.listener.transport,
@@ -84,6 +86,8 @@ class JobRecord:
         job.cancel_requested = bool(record.get("cancel_requested"))
         job.first_error = record.get("first_error")
         job.paused_by_us = bool(record.get("paused_by_us"))
+        job.plan.shutdown_restore = record.get("shutdown_restore")
+        job.guest_shut_down = bool(record.get("guest_shut_down"))
         lrec = record.get("nbd_listener")
         if lrec:
             ident = tuple(lrec["ident"]) if lrec.get("ident") else None

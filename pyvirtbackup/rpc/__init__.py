@@ -1,0 +1,1 @@
+"""libvirt's remote protocol served over the driver table (``pyvirtbackup serve``)."""

@@ -285,3 +285,27 @@ async def test_lost_pull_job_does_not_stop_the_new_qemus_nbd_server(vm_factory, 
         await vm2.mon.execute(
             "nbd-server-start", {"addr": {"type": "unix", "data": {"path": theirs + "2"}}}
         )
+
+
+async def test_abort_while_a_finished_disk_is_cleaned_up_waits_for_it(vm_factory, driver, tmp_path):
+    """abort() terminates the job at once when no disk is RUNNING or CANCELLING, but a
+    disk that has just ended is still being taken down (here its target's blockdev-del,
+    which flushes); domainAbortJob returned before that, and a caller that then
+    detaches or exits leaves the nodes behind in QEMU."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    dom = await driver.attach("vm1", vm.qmp)
+    before = await node_names(vm.mon)
+    real = dom.monitor.execute
+    flushing = asyncio.Event()
+
+    async def execute(command, arguments=None, timeout=60.0):
+        if command == "blockdev-del" and (arguments or {}).get("node-name", "").endswith("-format"):
+            flushing.set()
+            await asyncio.sleep(1)  # a big target's flush
+        return await real(command, arguments, timeout)
+
+    dom.monitor.execute = execute
+    await driver.domainBackupBegin(dom, None)
+    await flushing.wait()
+    await driver.domainAbortJob(dom)  # returns once everything is cleaned up
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT

@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VIEW_CHECK_INTERVAL = 2.0  # seconds between checks of a fleecing pull's views
+ENDED = (COMPLETE, FAILED, CANCELLED)
 
 
 class BackupJob(JobEvents, JobRecord, StepRunner):
@@ -280,7 +281,9 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         message = broken_view_message(d.plan)
         log.error("%s (QEMU: %s)", message, error)
         d.error = d.error or message
-        self._events.put_nowait({"event": DISK_END, "data": {"id": jid, "error": message}})
+        self._events.put_nowait(
+            {"event": DISK_END, "data": {"id": jid, "error": message, "broken": True}}
+        )
         return message
 
     # the instant --------------------------------------------------------------------
@@ -413,12 +416,23 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         """Cancel every running disk job; with ``wait``, return once all is cleaned up."""
         self.cancel_requested = True
         if self.mode == "pull" and self.mon.connected:
+            # a view that broke since it was last checked fails the backup, abort or
+            # not: its clients got errors, and the final stats must not say COMPLETED
+            for jid, d in list(self.disks.items()):
+                if d.state == RUNNING and not d.plan.has_qemu_job:
+                    await self._check_view(jid)
             # clients go first: once a fleecing job is cancelled its scratch node
             # reads through to the live disk, and a client still reading would get
             # a mix of then and now
             await self._stop_exports()
         running = [jid for jid, d in self.disks.items() if d.state == RUNNING]
-        pending = any(d.state in (RUNNING, CANCELLING) for d in self.disks.values())
+        # a disk that has ended but is not cleaned up yet is being taken down by the
+        # event worker, which ends the job after its last disk: terminating here would
+        # return before the nodes (and the filter in the guest's path) are gone
+        pending = any(
+            d.state in (RUNNING, CANCELLING) or (d.state in ENDED and not d.cleaned)
+            for d in self.disks.values()
+        )
         if not pending and not self.done.is_set():
             await self._terminate()
         for jid in running:

@@ -227,7 +227,9 @@ class JobEvents:
             error = self._gone_reason()  # QEMU cancels the jobs on its way out
         elif error and d.plan.fleecing and not (d.state == CANCELLING or self.cancel_requested):
             error = explain_fleecing_error(d.plan, d.error_op, str(error))
-        if d.state == CANCELLING or (self.cancel_requested and error):
+        if ended is not None and ended.get("broken"):
+            d.state = FAILED  # a view that broke is an incomplete backup, aborted or not
+        elif d.state == CANCELLING or (self.cancel_requested and error):
             d.state = CANCELLED
         elif error:
             d.state = FAILED
@@ -323,7 +325,8 @@ class JobEvents:
                 deleted.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(deleted.wait(), EXPORT_DELETE_TIMEOUT)
-            self.exports_added.remove(eid)
+            if eid in self.exports_added:  # an abort and a disk's end may both stop it
+                self.exports_added.remove(eid)
         if self.server_started:
             if ours_alive:
                 with contextlib.suppress(VirError):
@@ -332,7 +335,8 @@ class JobEvents:
         for oid in list(self.objects_added):
             with contextlib.suppress(VirError):
                 await self.mon.execute("object-del", {"id": oid})
-            self.objects_added.remove(oid)
+            if oid in self.objects_added:
+                self.objects_added.remove(oid)
 
 
 def explain_fleecing_error(dp: DiskPlan, op: str | None, error: str) -> str:

@@ -37,6 +37,7 @@ from .faulttools import (
     record,
     slow_nbd_file,
 )
+from .guestos import power_off_disk_args
 from .nbd_clients import HeldClient, nbdcopy, read_then_drop, unix_uri
 from .test_push import small_tmpfs
 
@@ -635,9 +636,78 @@ async def test_client_vanishing_mid_read(vm_factory, driver, tmp_path):
 
 
 # ----------------------------------------------------- the guest shuts down mid-backup
-#
-# Two more rows, written with VIR_DOMAIN_BACKUP_BEGIN_PRESERVE_SHUTDOWN_DOMAIN (a
-# guest that really powers off, qemu-7.2-notes §3g): "guest-shutdown" (QEMU exits,
-# the job FAILED, nothing left) and "guest-shutdown-preserve" (QEMU kept until the
-# backup completes, then quit). They use finish() and check() like the cases above,
-# with the case names faulttools.ORDER already lists.
+
+
+async def shutdown_case(vm_factory, tmp_path: Path, preserve: bool) -> tuple[Row, dict]:
+    """A guest that really powers off (tests/guestos.py) while its push runs, after
+    overwriting data the backup had not copied yet."""
+    name = "preserve" if preserve else "plain"
+    workdir = tmp_path / name
+    workdir.mkdir()
+    vm = await vm_factory(
+        [("vda", "qcow2", DISK, "scsi")],
+        fill=[(0x11, 0, DISK)],
+        subdir=name,
+        paused=False,
+        extra_args=power_off_disk_args(workdir),
+    )
+    async with Driver(state_dir=tmp_path / f"state-{name}") as drv:
+        dom = await drv.attach("vm1", vm.qmp)
+        guest = Guest(vm)
+        target = tmp_path / f"{name}.vda.bak"
+        scene = await Scene.take(vm, [workdir, tmp_path / f"state-{name}"])
+        flags = BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN if preserve else 0
+        xml = push_xml({"vda": str(target)})
+        ref = await vm.snapshot("vda", str(tmp_path / f"{name}.at-begin.raw"))
+        await drv.domainBackupBegin(dom, xml, None, flags, tuning={"speed": 256 * 1024})
+        await overwrite(guest, disks=("vda",))
+        assert vm.proc.proc is not None
+        if preserve:  # the guest powers off; QEMU stays until the backup is done
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 90
+            while (await vm.mon.execute("query-status"))["status"] != "shutdown":
+                assert loop.time() < deadline, "the guest did not power off"
+                await asyncio.sleep(0.2)
+            assert vm.proc.proc.returncode is None
+            running = await drv.domainGetJobStats(dom)
+            assert running["type"] == JobType.UNBOUNDED
+            await unthrottle(vm.mon)
+        exit_status = await asyncio.wait_for(vm.proc.proc.wait(), 90)
+        final = await wait_completed(drv, dom, timeout=90)
+        facts = {
+            "exit_status": exit_status,
+            "record": drv.state.domain("vm1").read_job(),
+            "target": target,
+            "at_begin": ref,
+        }
+        row = await finish(
+            "guest-shutdown-preserve" if preserve else "guest-shutdown",
+            "guest powers off mid-push, PRESERVE_SHUTDOWN_DOMAIN"
+            if preserve
+            else "guest powers off mid-push",
+            vm,
+            dom,
+            guest,
+            scene,
+            final,
+            qemu_alive=False,
+            keep=(target, ref) if preserve else (ref,),
+        )
+    return row, facts
+
+
+async def test_a_guest_powering_off_during_its_backup(vm_factory, tmp_path):
+    """With PRESERVE_SHUTDOWN_DOMAIN QEMU is kept (paused) until the backup completes,
+    then quits as the guest asked; without it, libvirt's way: QEMU exits, the backup
+    fails saying so, nothing of it is left. Both at once: each waits for SeaBIOS."""
+    (kept, kept_facts), (plain, plain_facts) = await asyncio.gather(
+        shutdown_case(vm_factory, tmp_path, preserve=True),
+        shutdown_case(vm_factory, tmp_path, preserve=False),
+    )
+    check(kept, JobType.COMPLETED)
+    assert kept_facts["exit_status"] == 0 and kept_facts["record"] is None
+    same, msg = await imgtools.compare(kept_facts["at_begin"], str(kept_facts["target"]),
+                                       fmt_a="raw", fmt_b="qcow2")  # fmt: skip
+    assert same, f"the backup is not the disk at begin: {msg}"
+    check(plain, JobType.FAILED, ["guest shut down", "PRESERVE_SHUTDOWN_DOMAIN"])
+    assert plain_facts["record"] is None and not plain_facts["target"].exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +143,15 @@ async def driver(tmp_path: Path) -> AsyncIterator[Driver]:
     drv = Driver(state_dir=tmp_path / "state")
     yield drv
     await drv.close()
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory another local user (nobody) can reach, for the multi-user tests."""
+    from .otheruser import shared_dir
+
+    with shared_dir() as path:
+        yield path
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..enums import BlockJobStatus, JobOperation, JobType
 from ..errors import ErrorDomain, ErrorNumber, VirError
+from . import jobrecord, ownfiles
 from .listen import Listener
 from .monitor import Monitor
 from .plan import DiskPlan, Plan, Step
@@ -126,6 +127,7 @@ class BackupJob:
         self.result: JobResult | None = None
         self.done = asyncio.Event()
         self.created_files: list[str] = []
+        self.created_ids: dict[str, ownfiles.FileId] = {}  # only these are ever unlinked
         self.exports_added: list[str] = []
         self.server_started = False
         self.objects_added: list[str] = []
@@ -294,6 +296,7 @@ class BackupJob:
                 for d in self.disks.values()
             ],
             "created_files": list(self.created_files),
+            "created_ids": {p: list(i) for p, i in self.created_ids.items()},
             "exports": list(self.exports_added),
             "nbd_server": self.server_started,
             "objects": list(self.objects_added),
@@ -316,7 +319,11 @@ class BackupJob:
     def restore(
         cls, mon: Monitor, record: dict[str, Any], callbacks: Callbacks | None = None
     ) -> BackupJob:
-        """Rebuild a job from ``snapshot()``; ``resume()`` then reconciles it with QEMU."""
+        """Rebuild a job from ``snapshot()``; ``resume()`` then reconciles it with QEMU.
+
+        A record that is not as we write it raises ``jobrecord.RecordError``.
+        """
+        jobrecord.check(record)
         plans = [DiskPlan(**d["plan"]) for d in record["disks"]]
         job = cls(mon, Plan(mode=record["mode"], disks=plans), callbacks)
         job.phase = record.get("phase", STARTED)
@@ -328,6 +335,7 @@ class BackupJob:
         job.started_wall = float(record.get("started", time.time()))
         job._started = time.monotonic() - max(time.time() - job.started_wall, 0.0)
         job.created_files = list(record.get("created_files", []))
+        job.created_ids = {p: (i[0], i[1]) for p, i in record.get("created_ids", {}).items()}
         job.exports_added = list(record.get("exports", []))
         job.server_started = bool(record.get("nbd_server"))
         job.objects_added = list(record.get("objects", []))
@@ -353,15 +361,16 @@ class BackupJob:
         disk is failed and its leftovers cleaned, never dropped silently.
         """
         self._listen()
+        spared = await jobrecord.spare_persistent_bitmaps(self.mon, self.plan.disks)
         jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
         if self.phase == PREPARING:
             if not set(self.disks) & set(jobs):
-                return await self._undo_interrupted_begin(jobs)
+                return spared + await self._undo_interrupted_begin(jobs)
             # the transaction ran before the process died: a started job
             self.phase = STARTED
             for d in self.disks.values():
                 d.state = d.state or RUNNING
-        problems = await self._reconcile(jobs)
+        problems = spared + await self._reconcile(jobs)
         self._worker = asyncio.create_task(self._work(), name="pvb-backup-job")
         if not any(d.state in (RUNNING, CANCELLING) for d in self.disks.values()):
             await self._terminate()
@@ -472,8 +481,12 @@ class BackupJob:
                 ErrorDomain.QEMU,
                 f"cannot create backup store '{path}': {exc.strerror}",
             ) from None
-        os.close(fd)
+        try:
+            ident = ownfiles.file_id(os.fstat(fd))
+        finally:
+            os.close(fd)
         self.created_files.append(path)
+        self.created_ids[path] = ident
 
     def _chmod(self, path: str, mode: int) -> None:
         try:
@@ -493,8 +506,7 @@ class BackupJob:
 
     def _remove_file(self, path: str) -> None:
         if path in self.created_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            ownfiles.unlink_if_same(path, self.created_ids.pop(path, None))
             self.created_files.remove(path)
 
     async def _run_qmp_job(self, step: Step) -> None:

@@ -25,6 +25,7 @@ TLS_REQUIRED_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 TLS_OPTIONAL_FILES = ("ca-crl.pem", "dh-params.pem")
 
 TLS_ALIAS = "pvb-backup-tls0"
+AUTHZ_ALIAS = "pvb-backup-authz0"
 LISTEN_FD_NAME = "pvb-nbd-listen"
 
 

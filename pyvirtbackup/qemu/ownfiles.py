@@ -1,0 +1,55 @@
+"""Deleting only the files a backup created.
+
+A target or scratch path may live in a directory other users can write, and a job
+record naming a path is only as trustworthy as the directory it is kept in.
+Between our create and our delete the name may come to mean another file (renamed
+away, replaced by a symlink or by someone else's file). So the (device, inode) of
+what we created is kept, and a name is unlinked only while it still is that file,
+looked up and unlinked through its directory's descriptor so that the directory
+cannot be swapped in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+
+log = logging.getLogger(__name__)
+
+FileId = tuple[int, int]
+
+
+def file_id(st: os.stat_result) -> FileId:
+    return (st.st_dev, st.st_ino)
+
+
+def unlink_if_same(path: str, ident: FileId | None) -> bool:
+    """Unlink ``path`` if it is still the regular file ``ident``; True if it was."""
+    if ident is None:
+        log.warning("not deleting %s: no record of which file this backup created", path)
+        return False
+    directory, name = os.path.split(path)
+    try:
+        dirfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("not deleting %s: cannot open its directory: %s", path, exc.strerror)
+        return False
+    try:
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or file_id(st) != tuple(ident):
+            log.warning(
+                "not deleting %s: it is no longer the file this backup created "
+                "(replaced or renamed meanwhile)",
+                path,
+            )
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dirfd)
+        return True
+    finally:
+        os.close(dirfd)

@@ -72,6 +72,7 @@ class BackupCalls(CheckpointCalls):
         own transaction, so the checkpoint and the backup are the same instant.
         """
         self._check_begin_args(dom, flags)
+        await self._ready(dom)
         if dom.job is not None or dom.begin_lock.locked():
             raise VirError(
                 ErrorNumber.OPERATION_INVALID,
@@ -116,6 +117,7 @@ class BackupCalls(CheckpointCalls):
         too, so a dry run that succeeds means begin would get that far.
         """
         self._check_begin_args(dom, flags)
+        await self._ready(dom)
         async with dom.checkpoint_lock:
             prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
         if prep.bdef.is_pull:
@@ -432,14 +434,16 @@ class BackupCalls(CheckpointCalls):
         """Take over a backup that an earlier process started (libvirt keeps it in its
         status XML across a libvirtd restart; so do we, in the state directory)."""
         dstate = self.state.domain(dom.name)
-        record = dstate.read_job()
-        if record is None:
-            return
-        xml, resources = record
         try:
+            record = dstate.read_job()
+            if record is None:
+                return
+            xml, resources = record
             bdef = BackupDef.from_xml(xml, internal=True)
             job = BackupJob.restore(dom.monitor, resources)
         except (VirError, KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, VirError) and exc.code == ErrorNumber.OPERATION_DENIED:
+                raise  # not damaged but untrusted: nothing of it is touched
             log.error(
                 "the recorded backup of %s is unreadable (%s); it is set aside", dom.name, exc
             )
@@ -464,7 +468,10 @@ class BackupCalls(CheckpointCalls):
     def _adopt_begin_checkpoint(self, dom: Domain, xml: str) -> list[str]:
         """The begin that made this job died after its transaction and before saving
         its checkpoint: the bitmaps exist, so the checkpoint does too."""
-        chk = CheckpointDef.from_xml(xml, CheckpointCreateFlags.REDEFINE)
+        try:
+            chk = CheckpointDef.from_xml(xml, CheckpointCreateFlags.REDEFINE)
+        except VirError as exc:
+            return [f"the interrupted begin's checkpoint is unreadable, not saved: {exc}"]
         if chk.name in dom.checkpoints:
             return []
         try:
@@ -533,7 +540,7 @@ class BackupCalls(CheckpointCalls):
     async def domainBackupGetXMLDesc(self, dom: Domain, flags: int = 0) -> str:
         """The running backup's definition with every default filled in."""
         check_flags(flags, 0, "domainBackupGetXMLDesc")
-        self._check_domain(dom)
+        await self._ready(dom)
         if dom.job is None or dom.job_def is None:
             raise VirError(
                 ErrorNumber.NO_DOMAIN_BACKUP, ErrorDomain.DOMAIN, "no domain backup job present"
@@ -545,7 +552,7 @@ class BackupCalls(CheckpointCalls):
         check_flags(
             flags, JobStatsFlags.COMPLETED | JobStatsFlags.KEEP_COMPLETED, "domainGetJobStats"
         )
-        self._check_domain(dom)
+        await self._ready(dom)
         if flags & JobStatsFlags.KEEP_COMPLETED and not flags & JobStatsFlags.COMPLETED:
             raise VirError(
                 ErrorNumber.INVALID_ARG,
@@ -572,7 +579,7 @@ class BackupCalls(CheckpointCalls):
         check_flags(flags, 0, "domainAbortJob")
         if flags & AbortJobFlags.POSTCOPY:  # pragma: no cover - refused by check_flags
             raise VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, "no post-copy job")
-        self._check_domain(dom)
+        await self._ready(dom)
         job = dom.job
         if job is None or job.done.is_set():
             raise VirError(

@@ -8,6 +8,7 @@ import asyncio
 import enum
 import logging
 import os
+import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,61 @@ def address_record(qmp: Address) -> Any:
     return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
 
 
+def address_from_record(record: Mapping[str, Any]) -> Address:
+    """The monitor address of a checked domain record (state.check_domain_record)."""
+    qmp = record["qmp"]
+    return qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
+
+
+def _where(qmp: Address) -> str:
+    return qmp if isinstance(qmp, str) else f"{qmp[0]}:{qmp[1]}"
+
+
+def warn_tcp_monitor(name: str, qmp: Address) -> None:
+    """QMP has neither encryption nor authentication: over TCP, whoever reaches the
+    port controls QEMU (its disks, its memory, its command line)."""
+    log.warning(
+        "domain %s: QMP over TCP (%s) is cleartext and unauthenticated: anyone who can "
+        "reach that port controls the QEMU, and descriptors cannot be passed, so sockets "
+        "and files are opened by path. Give pyvirtbackup a unix socket instead "
+        "(-qmp unix:PATH,server=on,wait=off in a directory only root can enter)",
+        name,
+        _where(qmp),
+    )
+
+
+def _uuid_key(value: str) -> str:
+    return value.replace("-", "").lower()
+
+
+def check_identity(
+    name: str, qmp: Address, record: Mapping[str, Any], qemu_uuid: str | None
+) -> tuple[str, bool]:
+    """The domain's uuid, and whether QEMU told it; refuses another VM on the socket.
+
+    libvirt knows a domain by its uuid. The first attach records QEMU's (-uuid), or
+    a made-up one when QEMU has none; later attaches must find the same QEMU uuid
+    (or, for a made-up one, still none): another VM listening on the recorded
+    socket must not get this domain's checkpoints and backups.
+    """
+    recorded = record.get("uuid")
+    if not recorded:
+        return (qemu_uuid, True) if qemu_uuid else (str(uuidlib.uuid4()), False)
+    from_qemu = bool(record.get("uuid_from_qemu", qemu_uuid is not None))
+    if qemu_uuid is not None and _uuid_key(qemu_uuid) == _uuid_key(recorded):
+        return recorded, True
+    if qemu_uuid is None and not from_qemu:
+        return recorded, False
+    found = f"uuid {qemu_uuid}" if qemu_uuid else "no uuid"
+    raise VirError(
+        ErrorNumber.OPERATION_FAILED,
+        ErrorDomain.DOMAIN,
+        f"domain '{name}' is already defined with uuid {recorded}, but the QEMU at "
+        f"{_where(qmp)} has {found}: another VM on the recorded socket? Refusing it. "
+        f"If the VM was recreated on purpose, detach '{name}' and attach it again",
+    )
+
+
 @dataclass
 class PreparedBackup:
     """A begin that has been checked and planned but has changed nothing yet."""
@@ -141,6 +197,8 @@ class Domain:
     finishing: asyncio.Task[None] | None = field(default=None, repr=False)
     # what taking over an earlier process's backup found not matching QEMU
     recovery_problems: list[str] = field(default_factory=list, repr=False)
+    # attached for a listing: a recorded backup not taken over yet (see _ready)
+    takeover_pending: bool = field(default=False, repr=False)
 
     def UUIDString(self) -> str:
         return self.uuid
@@ -204,6 +262,21 @@ class DriverBase:
                 f"domain '{getattr(dom, 'name', dom)}' is not attached to this driver",
             )
         return dom
+
+    async def _ready(self, dom: Domain) -> Domain:
+        """``_check_domain``, and take over a recorded backup that a listing left alone."""
+        self._check_domain(dom)
+        if dom.takeover_pending:
+            dom.takeover_pending = False
+            try:
+                await self._recover_job(dom)
+            except BaseException:
+                dom.takeover_pending = True
+                raise
+        return dom
+
+    async def _recover_job(self, dom: Domain) -> None:  # pragma: no cover - BackupCalls'
+        raise NotImplementedError
 
     def _check_running(self, dom: Domain, what: str) -> None:
         if not dom.monitor.connected:

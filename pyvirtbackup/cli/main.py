@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..driver import Domain, Driver
+from ..driverbase import address_from_record
 from ..enums import (
     BackupBeginFlags,
     CheckpointCreateFlags,
@@ -174,9 +175,7 @@ async def open_domain(driver: Driver, name: str) -> Domain:
             ErrorDomain.DOMAIN,
             f"Domain not found: no domain with matching name '{name}'",
         )
-    qmp = record["qmp"]
-    address: Any = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
-    dom = await driver.attach(name, address, record.get("disks"))
+    dom = await driver.attach(name, address_from_record(record), record.get("disks"))
     for problem in dom.recovery_problems:
         print(f"warning: {problem}", file=sys.stderr)
     return dom
@@ -275,9 +274,10 @@ async def cmd_list(driver: Driver, args: argparse.Namespace) -> int:
     for dom in await driver.connectListAllDomains(flags):
         state = await driver.domain_state(dom)
         job: dict[str, Any] = {}
-        if dom.job is not None and not dom.job.done.is_set():
-            stats = await driver.domainGetJobStats(dom)
-            job = {"mode": dom.job.mode, "state": "running", **stats}
+        # read only: a listing never takes a recorded backup over (it would act on it)
+        stats = await driver.peek_job(dom)
+        if stats is not None:
+            job = {**stats, "state": "running"}
             if stats.get("disk_total"):
                 job["progress"] = round(100 * stats["disk_processed"] / stats["disk_total"], 1)
         count = len(driver.state.domain(dom.name).checkpoint_names())

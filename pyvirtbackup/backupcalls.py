@@ -518,14 +518,19 @@ class BackupCalls(CheckpointCalls):
         the next incremental is not based on an instant nothing was saved at."""
         try:
             async with dom.checkpoint_lock:
-                if name in dom.checkpoints and dom.monitor.connected:
-                    await self._delete_bitmaps(dom, [name])
+                if name in dom.checkpoints:
+                    left = ""
+                    if dom.monitor.connected:
+                        await self._delete_bitmaps(dom, [name])
+                    else:  # QEMU died: the same outcome, minus what only QEMU can do
+                        left = self._bitmaps_left_behind(dom, name)
                     dom.checkpoints.reparent_children(name)
                     dom.checkpoints.remove(name, update_current=True)  # back to its parent
                     log.warning(
-                        "domain %s: checkpoint '%s' removed, its backup did not complete",
+                        "domain %s: checkpoint '%s' removed, its backup did not complete%s",
                         dom.name,
                         name,
+                        left,
                     )
         except VirError as exc:
             log.error(
@@ -536,6 +541,22 @@ class BackupCalls(CheckpointCalls):
             )
         finally:
             self._job_gone(dom, job, stats)
+
+    def _bitmaps_left_behind(self, dom: Domain, name: str) -> str:
+        """What may stay of a dropped checkpoint when QEMU is gone: QEMU writes a new
+        persistent bitmap into the image only when it closes it, so usually nothing;
+        an image it had written it to keeps it, marked in use."""
+        paths = {d.name: d.path for d in dom.disks}
+        images = [
+            paths.get(cd.name) or cd.name
+            for cd in dom.checkpoints.get(name).disks
+            if cd.checkpoint == BITMAP
+        ]
+        return (
+            f"; QEMU is gone, and its bitmaps with it, unless it had written '{name}' into "
+            + ", ".join(images)
+            + f" already (then 'qemu-img bitmap --remove IMAGE {name}' removes it)"
+        )
 
     async def domainBackupGetXMLDesc(self, dom: Domain, flags: int = 0) -> str:
         """The running backup's definition with every default filled in."""

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -575,6 +576,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # qemu.qmp logs a dropped connection as an error of its own; what it means for
+    # the command (QEMU exited, the backup failed) is said once, by us
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -119,10 +119,11 @@ class Monitor:
         self._disconnect_handlers.pop(handle, None)
 
     async def _watch_state(self) -> None:
-        while True:
+        # the connection may already be going (QEMU died right after the greeting):
+        # waiting for the next change would then wait for a disconnect nobody makes
+        state = self._client.runstate
+        while state not in (Runstate.DISCONNECTING, Runstate.IDLE):
             state = await self._client.runstate_changed()
-            if state in (Runstate.DISCONNECTING, Runstate.IDLE):
-                break
         self.disconnected.set()
         # reap the client's reader tasks now, or asyncio complains about their EOFError
         await self._reap()

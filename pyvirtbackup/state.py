@@ -48,7 +48,7 @@ STATUS_XML_KEY = "status_xml"
 # Nothing we write comes near this: a checkpoint's XML is capped at
 # conf.xmlutil.MAX_XML_BYTES on input and re-indented on output. A bigger file
 # was not written by us, and reading it whole is how /dev/zero exhausts memory.
-MAX_STATE_FILE_BYTES = 8 * 1024 * 1024
+MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 
 # libvirt's typed-parameter names of a finished job, and the type each must have
 _COMPLETED_KEYS: dict[str, type | tuple[type, ...]] = {

@@ -17,9 +17,9 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
+from ..conf import xmlutil
 from ..driver import Domain, Driver
 from ..driverbase import address_from_record
 from ..enums import (
@@ -36,6 +36,7 @@ from ..enums import (
 from ..errors import ErrorDomain, ErrorNumber, VirError
 from ..qemu.plan import Tuning
 from . import output
+from .output import say
 from .progress import Progress
 
 
@@ -158,14 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_file(path: str | None) -> str | None:
+    """A document named on the command line, never more of it than a document may be
+    (``/dev/zero`` or a huge log given by mistake must not fill memory)."""
     if path is None:
         return None
+    limit = xmlutil.MAX_XML_BYTES
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except OSError as exc:
         raise VirError(
             ErrorNumber.SYSTEM_ERROR, ErrorDomain.NONE, f"cannot read '{path}': {exc.strerror}"
         ) from None
+    if len(data) > limit:
+        raise VirError(
+            ErrorNumber.XML_ERROR,
+            ErrorDomain.NONE,
+            f"'{path}' is larger than {limit} bytes: not a backup or checkpoint document",
+        )
+    return data.decode("utf-8", errors="replace")
 
 
 async def open_domain(driver: Driver, name: str) -> Domain:
@@ -178,7 +190,7 @@ async def open_domain(driver: Driver, name: str) -> Domain:
         )
     dom = await driver.attach(name, address_from_record(record), record.get("disks"))
     for problem in dom.recovery_problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        say(f"warning: {problem}", file=sys.stderr)
     return dom
 
 
@@ -250,18 +262,18 @@ async def cmd_attach(driver: Driver, args: argparse.Namespace) -> int:
         mapping[name] = node
     dom = await driver.attach(args.domain, address, mapping or None)
     for problem in dom.recovery_problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        say(f"warning: {problem}", file=sys.stderr)
     disks = ", ".join(
         f"{d.name} ({d.format}, {d.path})" if not d.empty else f"{d.name} (empty)"
         for d in dom.disks
     )
-    print(f"Domain '{dom.name}' attached: {disks}")
+    say(f"Domain '{dom.name}' attached: {disks}")
     return 0
 
 
 async def cmd_detach(driver: Driver, args: argparse.Namespace) -> int:
     await driver.forget(args.domain)
-    print(f"Domain '{args.domain}' detached")
+    say(f"Domain '{args.domain}' detached")
     return 0
 
 
@@ -294,7 +306,7 @@ async def cmd_list(driver: Driver, args: argparse.Namespace) -> int:
             return f"{job['mode']} {job['progress']:.1f}%"
         return f"{job['mode']} running"
 
-    print(
+    say(
         output.table(
             ["Name", "State", "Backup job", "Checkpoints"],
             [[r["name"], r["state"], job_text(r["backup"]), str(r["checkpoints"])] for r in rows],
@@ -320,10 +332,10 @@ async def cmd_backup_begin(driver: Driver, args: argparse.Namespace) -> int:
         for step in await driver.backup_dry_run(
             dom, backup_xml, checkpoint_xml, flags, tuning=tuning
         ):
-            print(json.dumps(step))
+            say(json.dumps(step))
         return 0
     await driver.domainBackupBegin(dom, backup_xml, checkpoint_xml, flags, tuning=tuning)
-    print("Backup started")
+    say("Backup started")
     if not args.wait:
         return 0
     return await follow(driver, dom, args.abort_on_interrupt)
@@ -350,9 +362,9 @@ async def follow(driver: Driver, dom: Domain, abort_on_interrupt: bool) -> int:
                 progress.finish()
                 if abort_on_interrupt or await ask("Abort the backup? [y/N] "):
                     await driver.domainAbortJob(dom)
-                    print("Backup aborted")
+                    say("Backup aborted")
                 else:
-                    print(f"Backup goes on; see 'pyvirtbackup domjobinfo {dom.name}'")
+                    say(f"Backup goes on; see 'pyvirtbackup domjobinfo {dom.name}'")
                     return 0
                 break
     finally:
@@ -360,10 +372,10 @@ async def follow(driver: Driver, dom: Domain, abort_on_interrupt: bool) -> int:
     progress.finish()
     keep = JobStatsFlags.COMPLETED | JobStatsFlags.KEEP_COMPLETED
     stats = await driver.domainGetJobStats(dom, keep)
-    print(output.jobinfo_text(stats), end="")
+    say(output.jobinfo_text(stats), end="")
     if stats.get("type") == JobType.COMPLETED:
         return 0
-    print(
+    say(
         f"error: backup {output.JOB_TYPE_NAMES[JobType(stats['type'])].lower()}: "
         f"{stats.get('errmsg', 'no reason given')}",
         file=sys.stderr,
@@ -373,7 +385,7 @@ async def follow(driver: Driver, dom: Domain, abort_on_interrupt: bool) -> int:
 
 async def ask(question: str) -> bool:
     if not sys.stdin.isatty():
-        print("\n(not a terminal: leaving the backup running)", file=sys.stderr)
+        say("\n(not a terminal: leaving the backup running)", file=sys.stderr)
         return False
     answer = await asyncio.get_running_loop().run_in_executor(None, input, "\n" + question)
     return answer.strip().lower() in ("y", "yes")
@@ -381,7 +393,7 @@ async def ask(question: str) -> bool:
 
 async def cmd_backup_dumpxml(driver: Driver, args: argparse.Namespace) -> int:
     dom = await open_domain(driver, args.domain)
-    print(await driver.domainBackupGetXMLDesc(dom), end="")
+    say(await driver.domainBackupGetXMLDesc(dom), end="")
     return 0
 
 
@@ -398,7 +410,7 @@ async def cmd_domjobinfo(driver: Driver, args: argparse.Namespace) -> int:
     if args.json:
         output.dump_json(stats)
     else:
-        print(output.jobinfo_text(stats), end="")
+        say(output.jobinfo_text(stats), end="")
     return 0
 
 
@@ -414,19 +426,19 @@ async def cmd_checkpoint_create(driver: Driver, args: argparse.Namespace) -> int
     chk = await driver.domainCheckpointCreateXML(dom, xml, checkpoint_flags(args))
     source = f" from '{args.xmlfile}'" if args.xmlfile else ""
     verb = "redefined" if args.redefine else "created"
-    print(f"Domain checkpoint {chk.name} {verb}{source}")
+    say(f"Domain checkpoint {chk.name} {verb}{source}")
     return 0
 
 
 async def cmd_checkpoint_create_as(driver: Driver, args: argparse.Namespace) -> int:
     xml = checkpoint_as_xml(args)
     if args.print_xml:
-        print(xml, end="")
+        say(xml, end="")
         return 0
     dom = await open_domain(driver, args.domain)
     flags = CheckpointCreateFlags.QUIESCE if args.quiesce else 0
     chk = await driver.domainCheckpointCreateXML(dom, xml, flags)
-    print(f"Domain checkpoint {chk.name} created")
+    say(f"Domain checkpoint {chk.name} created")
     return 0
 
 
@@ -483,7 +495,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
         return 0
     if args.name:
         for f in facts:
-            print(f["name"])
+            say(f["name"])
         return 0
     if args.tree:
         names = {f["name"] for f in facts}
@@ -494,7 +506,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
                 children.setdefault(f["parent"], []).append(f["name"])
             else:
                 roots.append(f["name"])
-        print(output.tree(roots, children), end="")
+        say(output.tree(roots, children), end="")
         return 0
     headers = ["Name", "Creation Time"] + (["Parent"] if args.parent else [])
     rows = [
@@ -502,7 +514,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
         + ([f["parent"] or ""] if args.parent else [])
         for f in facts
     ]
-    print(output.table(headers, rows), end="")
+    say(output.table(headers, rows), end="")
     return 0
 
 
@@ -515,7 +527,7 @@ async def cmd_checkpoint_dumpxml(driver: Driver, args: argparse.Namespace) -> in
         flags |= CheckpointXMLFlags.NO_DOMAIN
     if args.size:
         flags |= CheckpointXMLFlags.SIZE
-    print(await driver.domainCheckpointGetXMLDesc(chk, flags), end="")
+    say(await driver.domainCheckpointGetXMLDesc(chk, flags), end="")
     return 0
 
 
@@ -532,14 +544,14 @@ async def cmd_checkpoint_delete(driver: Driver, args: argparse.Namespace) -> int
         flags |= CheckpointDeleteFlags.METADATA_ONLY
     await driver.domainCheckpointDelete(chk, flags)
     what = "children deleted" if args.children_only else "deleted"
-    print(f"Domain checkpoint {args.checkpoint} {what}")
+    say(f"Domain checkpoint {args.checkpoint} {what}")
     return 0
 
 
 async def cmd_checkpoint_parent(driver: Driver, args: argparse.Namespace) -> int:
     chk = await open_checkpoint(driver, args)
     parent = await driver.domainCheckpointGetParent(chk)
-    print(parent.name)
+    say(parent.name)
     return 0
 
 
@@ -558,11 +570,11 @@ async def cmd_checkpoint_info(driver: Driver, args: argparse.Namespace) -> int:
     if args.json:
         output.dump_json(info)
         return 0
-    print(f"{'Name:':<15} {info['name']}")
-    print(f"{'Domain:':<15} {info['domain']}")
-    print(f"{'Parent:':<15} {info['parent'] or '-'}")
-    print(f"{'Children:':<15} {info['children']}")
-    print(f"{'Descendants:':<15} {info['descendants']}")
+    say(f"{'Name:':<15} {info['name']}")
+    say(f"{'Domain:':<15} {info['domain']}")
+    say(f"{'Parent:':<15} {info['parent'] or '-'}")
+    say(f"{'Children:':<15} {info['children']}")
+    say(f"{'Descendants:':<15} {info['descendants']}")
     return 0
 
 
@@ -585,18 +597,18 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"pyvirtbackup: error: {exc}", file=sys.stderr)
+        say(f"pyvirtbackup: error: {exc}", file=sys.stderr)
         return 2
     except VirError as exc:
         code = getattr(exc.code, "name", exc.code)
-        print(f"error: {exc.message}", file=sys.stderr)
-        print(
+        say(f"error: {exc.message}", file=sys.stderr)
+        say(
             f"error: code {int(exc.code)} (VIR_ERR_{code}), domain {int(exc.domain)}",
             file=sys.stderr,
         )
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", file=sys.stderr)
         return 1
 
 

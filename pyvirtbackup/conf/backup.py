@@ -255,6 +255,12 @@ class BackupDisk:
 
     def _parse_store(self, store: etree._Element) -> None:
         self.path = store.get("file" if self.type == "file" else "dev")
+        if self.path is not None and not self.path.startswith("/"):
+            # a relative path means one thing to us and another to QEMU (each its
+            # own working directory), and 'C:\\backup.qcow2' is relative here
+            raise _xml_error(
+                f"backup {store.tag} path '{self.path}' of disk '{self.name}' is not absolute"
+            )
         self.seclabels = store.findall("seclabel")
         for label in self.seclabels:
             if label.get("relabel") == "no" and _seclabel_text(label) is not None:
@@ -511,6 +517,12 @@ def _assign_store(disk: BackupDisk, domdisk: DomainDisk, suffix: str) -> None:
         return
     if domdisk.type != "file":
         raise _unsupported(f"refusing to generate file name for disk '{disk.name}'")
+    if not (domdisk.path or "").startswith("/"):
+        raise _unsupported(
+            f"refusing to generate file name for disk '{disk.name}': its source path "
+            f"'{domdisk.path}' is relative (to QEMU's working directory); give the disk "
+            "a store with an absolute path"
+        )
     disk.type = "file"
     disk.path = f"{domdisk.path}.{suffix}"
 

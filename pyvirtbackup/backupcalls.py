@@ -22,6 +22,7 @@ from .driverbase import (
     PreparedBackup,
     check_backing,
     check_flags,
+    check_plain_tcp,
 )
 from .enums import (
     AbortJobFlags,
@@ -148,7 +149,7 @@ class BackupCalls(CheckpointCalls):
         bdef.align_disks(self._domain_disks(dom), suffix=suffix)
         targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
         self._check_incremental_sources(dom, bdef)
-        tls = self._pull_prepare(bdef) if bdef.is_pull else None
+        tls = self._pull_prepare(bdef, dom) if bdef.is_pull else None
         plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets)
         return PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets)
 
@@ -162,7 +163,9 @@ class BackupCalls(CheckpointCalls):
                 self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls) if prep.bdef.is_pull else None
             )
             try:
-                return await self._start_job(dom, prep, listener)
+                job = await self._start_job(dom, prep, listener)
+                self._warn_plain_tcp(dom, prep.bdef)
+                return job
             except VirError as exc:
                 retry = (
                     pick_port
@@ -198,7 +201,7 @@ class BackupCalls(CheckpointCalls):
             raise
         return job
 
-    def _pull_prepare(self, bdef: BackupDef) -> nbd.TlsCreds | None:
+    def _pull_prepare(self, bdef: BackupDef, dom: Domain) -> nbd.TlsCreds | None:
         """Pull checks that need no QEMU: where to listen, and the TLS files.
 
         libvirt refuses tcp without a port; we pick a free one instead (and
@@ -216,10 +219,18 @@ class BackupCalls(CheckpointCalls):
                 "use transport='tcp' or transport='unix'",
             )
         if not server.tls:
+            if server.transport == "tcp":
+                check_plain_tcp(server, self.nbd_allow_plain_tcp)
+                bdef.plain_tcp = True
             return None
-        nbd.check_tls_dir(self.tls_x509_cert_dir)
+        nbd.check_tls_dir(self.tls_x509_cert_dir, qemu=dom.monitor.peer_ids)
         bdef.tls_alias = nbd.TLS_ALIAS
-        return nbd.TlsCreds(self.tls_x509_cert_dir, self.tls_x509_verify, nbd.TLS_ALIAS)
+        return nbd.TlsCreds(
+            self.tls_x509_cert_dir,
+            self.tls_x509_verify,
+            nbd.TLS_ALIAS,
+            allowed_dns=self.tls_allowed_dn_list,
+        )
 
     def _nbd_listen(
         self,
@@ -240,13 +251,20 @@ class BackupCalls(CheckpointCalls):
         assert server is not None
         nbd.check_export_names(plan)
         if not bind:  # a dry run: the same steps, no socket
+            publish = None
             if dom.monitor.can_pass_fds:
                 address = nbd.fd_address(nbd.LISTEN_FD_NAME)
             elif server.transport == "unix":
-                address = nbd.unix_address(server.socket or "")
+                private = os.path.join(
+                    os.path.dirname(server.socket or ""), listen.PRIVATE_PREFIX + "XXXXXXXX"
+                )
+                address = nbd.unix_address(os.path.join(private, listen.PRIVATE_NAME))
+                publish = (server.socket or "", self.nbd_socket_mode)
             else:
                 address = nbd.inet_address(server.name or "", server.port or 0)
-            nbd.add_pull_steps(plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds)
+            nbd.add_pull_steps(
+                plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds, publish=publish
+            )
             return Listener(
                 server.transport, host=server.name, port=server.port, path=server.socket
             )
@@ -263,17 +281,25 @@ class BackupCalls(CheckpointCalls):
         if server.transport == "unix":
             assert server.socket is not None
             listen.check_unix_path(server.socket)
+            # QEMU binds in a private directory; the socket moves into place with its mode
+            listener = Listener(
+                "unix", path=server.socket, private_dir=listen.make_private_dir(server.socket)
+            )
             nbd.add_pull_steps(
                 plan,
-                nbd.unix_address(server.socket),
+                nbd.unix_address(listener.private_path),
                 tls=tls,
-                chmod=(server.socket, self.nbd_socket_mode),
+                publish=(server.socket, self.nbd_socket_mode),
             )
-            return Listener("unix", path=server.socket)
+            return listener
         assert server.name is not None
         server.port = server.port or listen.pick_tcp_port(server.name)
         nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
         return Listener("tcp", host=server.name, port=server.port)
+
+    def _warn_plain_tcp(self, dom: Domain, bdef: BackupDef) -> None:
+        if bdef.plain_tcp and bdef.server is not None:
+            log.warning("domain %s: %s", dom.name, bdef.exposure())
 
     async def _record_begin_checkpoint(
         self, dom: Domain, job: BackupJob, chk: CheckpointDef, targets: list[Any]

@@ -48,6 +48,10 @@ class Driver(BackupCalls):
     backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
     makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
     mode of a ``transport='unix'`` socket (owner-only by default).
+    ``nbd_allow_plain_tcp`` allows a TCP server without TLS, which every local
+    user can read (refused by default). ``tls_allowed_dn_list`` admits only
+    client certificates whose Distinguished Name matches one of its glob
+    patterns (libvirt's setting of that name; QEMU's tls-authz).
 
     ``keep_failed_checkpoints``: libvirt keeps the checkpoint created with a push
     that then failed or was cancelled; by default we drop it (see backupcalls).

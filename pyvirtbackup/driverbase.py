@@ -9,12 +9,12 @@ import enum
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import CheckpointTree
-from .conf import BackupDef, CheckpointDef, DomainDisk
+from .conf import BackupDef, BackupServer, CheckpointDef, DomainDisk
 from .enums import (
     CheckpointCreateFlags,
     CheckpointDeleteFlags,
@@ -101,6 +101,22 @@ def check_backing(disk: str, target: str, backing: str) -> None:
 
 def address_record(qmp: Address) -> Any:
     return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
+
+
+def check_plain_tcp(server: BackupServer, allowed: bool) -> None:
+    """NBD over TCP without TLS has no authentication: on 127.0.0.1 every local user
+    can read the disks, elsewhere every host that reaches the address. Only on
+    request (``Driver(nbd_allow_plain_tcp=True)``, the CLI's --allow-plain-tcp)."""
+    if allowed:
+        return
+    raise VirError(
+        ErrorNumber.OPERATION_DENIED,
+        ErrorDomain.QEMU,
+        f"a pull backup over TCP without TLS ({server.name}) lets every local user (and "
+        "every host that can reach it) read the disks; use <server transport='unix' "
+        "socket='...'/> in a directory only root can enter, or tls='yes', or allow plain "
+        "TCP explicitly (Driver(nbd_allow_plain_tcp=True), --allow-plain-tcp)",
+    )
 
 
 def address_from_record(record: Mapping[str, Any]) -> Address:
@@ -224,6 +240,8 @@ class DriverBase:
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
         nbd_socket_mode: int = 0o600,
+        nbd_allow_plain_tcp: bool = False,
+        tls_allowed_dn_list: Sequence[str] | None = None,
         keep_failed_checkpoints: bool = False,
     ) -> None:
         self.state = State(state_dir)
@@ -234,6 +252,17 @@ class DriverBase:
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
         self.nbd_socket_mode = nbd_socket_mode
+        self.nbd_allow_plain_tcp = nbd_allow_plain_tcp
+        if tls_allowed_dn_list is not None and not tls_x509_verify:
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.NONE,
+                "tls_allowed_dn_list needs tls_x509_verify: without a verified client "
+                "certificate there is no name to allow",
+            )
+        self.tls_allowed_dn_list = (
+            list(tls_allowed_dn_list) if tls_allowed_dn_list is not None else None
+        )
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}

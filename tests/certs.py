@@ -38,15 +38,17 @@ class Pki:
     """Everything a TLS test needs.
 
     ``server``: what Driver(tls_x509_cert_dir=...) points at. ``client``: a
-    client with a certificate from the same CA. ``no_cert``: a client that trusts
-    the server but has no certificate. ``rogue``: a client whose certificate
-    another CA signed.
+    client with a certificate from the same CA (CN=client). ``no_cert``: a client
+    that trusts the server but has no certificate. ``rogue``: a client whose
+    certificate another CA signed. ``intruder``: a client with a certificate from
+    the same CA under another name (CN=intruder), for allow-lists.
     """
 
     server: Path
     client: Path
     no_cert: Path
     rogue: Path
+    intruder: Path
 
 
 def _certtool(*args: str, cwd: Path) -> None:
@@ -111,6 +113,7 @@ def make_pki(root: Path) -> Pki:
     server = _signed(work, "server", SERVER_TEMPLATE, ca)
     client = _signed(work, "client", CLIENT_TEMPLATE.format(cn="client"), ca)
     rogue = _signed(work, "rogue", CLIENT_TEMPLATE.format(cn="rogue"), other_ca)
+    intruder = _signed(work, "intruder", CLIENT_TEMPLATE.format(cn="intruder"), ca)
     return Pki(
         server=_dir(
             root,
@@ -127,5 +130,10 @@ def make_pki(root: Path) -> Pki:
             root,
             "rogue",
             {"ca-cert.pem": ca[0], "client-cert.pem": rogue[0], "client-key.pem": rogue[1]},
+        ),
+        intruder=_dir(
+            root,
+            "intruder",
+            {"ca-cert.pem": ca[0], "client-cert.pem": intruder[0], "client-key.pem": intruder[1]},
         ),
     )

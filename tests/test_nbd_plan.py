@@ -88,12 +88,16 @@ def test_addresses_use_the_legacy_form_qemu_7_2_wants():
     assert nbd.unix_address("/run/s") == {"type": "unix", "data": {"path": "/run/s"}}
 
 
-def test_fallback_server_narrows_the_unix_socket_right_after_start():
-    steps = nbd.server_steps(nbd.unix_address("/run/s"), chmod=("/run/s", 0o600))
+def test_fallback_server_publishes_the_unix_socket_right_after_start():
+    """QEMU binds in our private directory; the socket moves into place before any export."""
+    steps = nbd.server_steps(
+        nbd.unix_address("/run/.pvb-nbd-x/nbd.sock"), publish=("/run/s", 0o600)
+    )
     assert [(s.kind, s.command) for s in steps] == [
         ("qmp", "nbd-server-start"),
-        ("chmod", "chmod"),
+        ("publish-socket", "publish"),
     ]
+    assert steps[1].args == {"path": "/run/s", "mode": 0o600}
 
 
 def test_export_bitmap_and_name_come_from_the_plan():
@@ -119,6 +123,7 @@ def test_nbd_steps_are_for_pull_plans_only():
 def test_tls_dir_check_accepts_a_complete_directory(tmp_path):
     for name in nbd.TLS_REQUIRED_FILES:
         (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "server-key.pem").chmod(0o600)
     nbd.check_tls_dir(str(tmp_path))
     (tmp_path / "dh-params.pem").write_text("garbage")  # optional, but broken
     with pytest.raises(VirError, match=r"dh-params\.pem"):

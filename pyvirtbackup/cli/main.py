@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("attach", "record where a domain's QMP socket is")
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--qmp", metavar="SOCKET", help="QMP unix socket")
-    group.add_argument("--qmp-tcp", metavar="HOST:PORT", help="QMP over TCP")
+    group.add_argument(
+        "--qmp-tcp",
+        metavar="HOST:PORT",
+        help="QMP over TCP (cleartext, unauthenticated: anyone who reaches it controls QEMU)",
+    )
     sp.add_argument(
         "--disk",
         action="append",
@@ -87,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backupxml", metavar="FILE")
     sp.add_argument("--checkpointxml", metavar="FILE")
     sp.add_argument("--reuse-external", action="store_true")
+    sp.add_argument(
+        "--allow-plain-tcp",
+        action="store_true",
+        help="allow a pull backup's NBD server on TCP without TLS (every local user can "
+        "read the disks)",
+    )
     sp.add_argument(
         "--wait", action="store_true", help="follow the job with progress until it ends"
     )
@@ -254,6 +264,11 @@ async def cmd_attach(driver: Driver, args: argparse.Namespace) -> int:
         if not sep or not port.isdigit():
             raise UsageError("--qmp-tcp wants HOST:PORT")
         address = (host, int(port))
+        say(
+            f"warning: QMP over TCP ({args.qmp_tcp}) is cleartext and unauthenticated: "
+            "anyone who can reach it controls the QEMU; prefer --qmp with a unix socket",
+            file=sys.stderr,
+        )
     mapping = {}
     for item in args.disk:
         name, sep, node = item.partition("=")
@@ -583,7 +598,11 @@ COMMANDS = {name: func for name, func in globals().items() if name.startswith("c
 
 async def run(args: argparse.Namespace) -> int:
     func = COMMANDS["cmd_" + args.command.replace("-", "_")]
-    async with Driver(state_dir=args.state_dir, tls_x509_cert_dir=args.tls_x509_cert_dir) as drv:
+    async with Driver(
+        state_dir=args.state_dir,
+        tls_x509_cert_dir=args.tls_x509_cert_dir,
+        nbd_allow_plain_tcp=getattr(args, "allow_plain_tcp", False),
+    ) as drv:
         return await func(drv, args)
 
 

@@ -324,8 +324,22 @@ class BackupDef:
     disks: list[BackupDisk] = field(default_factory=list)
     tls_alias: str | None = None
     tls_secret_alias: str | None = None
+    # a pull server on TCP without TLS that the driver was told to allow: its
+    # definition says, in a comment beside <server>, who can read the disks
+    plain_tcp: bool = False
 
     # ----------------------------------------------------------------- helpers
+
+    def exposure(self) -> str:
+        """What a plain-TCP pull server exposes, in words."""
+        server = self.server
+        assert server is not None
+        where = f"{server.name}:{server.port}" if server.port else str(server.name)
+        disks = ", ".join(d.name for d in self.selected_disks()) or "the disks"
+        return (
+            f"NBD over plain TCP at {where}, without TLS: every local user, and every host "
+            f"that can reach that address, can read {disks} while this backup runs"
+        )
 
     @property
     def is_pull(self) -> bool:
@@ -383,6 +397,7 @@ class BackupDef:
 
     def _parse_private(self, root: etree._Element) -> None:
         """TLS object aliases from ``<privateData>`` (status XML only)."""
+        self.plain_tcp = root.find("privateData/plainTCP") is not None
         objects = root.find("privateData/objects")
         if objects is None:
             return
@@ -466,13 +481,17 @@ class BackupDef:
         attrs = [("mode", self.mode)]
         if not self.is_pull and any(d.backup and d.backing for d in self.disks):
             attrs.append((f"xmlns:{PVB_PREFIX}", PVB_NS))
-        private = internal and (self.tls_alias is not None or self.tls_secret_alias is not None)
+        private = internal and (
+            self.tls_alias is not None or self.tls_secret_alias is not None or self.plain_tcp
+        )
         if self.incremental is None and self.server is None and not self.disks and not private:
             w.empty("domainbackup", attrs)
             return w.getvalue()
         w.open("domainbackup", attrs)
         w.text("incremental", self.incremental)
         if self.server is not None:
+            if self.plain_tcp and not self.server.tls:
+                w.comment(self.exposure())
             self.server.write(w)
         if self.disks:
             w.open("disks")
@@ -486,12 +505,15 @@ class BackupDef:
 
     def _write_private(self, w: XMLWriter) -> None:
         w.open("privateData")
-        w.open("objects")
-        if self.tls_secret_alias is not None:
-            w.empty("secret", [("type", "tlskey"), ("alias", self.tls_secret_alias)])
-        if self.tls_alias is not None:
-            w.empty("TLSx509", [("alias", self.tls_alias)])
-        w.close("objects")
+        if self.tls_secret_alias is not None or self.tls_alias is not None:
+            w.open("objects")
+            if self.tls_secret_alias is not None:
+                w.empty("secret", [("type", "tlskey"), ("alias", self.tls_secret_alias)])
+            if self.tls_alias is not None:
+                w.empty("TLSx509", [("alias", self.tls_alias)])
+            w.close("objects")
+        if self.plain_tcp:
+            w.empty("plainTCP")
         w.close("privateData")
 
 

@@ -203,6 +203,10 @@ class XMLWriter:
         self._depth -= 1
         self._lines.append(f"{self._indent()}</{tag}>")
 
+    def comment(self, text: str) -> None:
+        """An XML comment (``--`` cannot appear in one)."""
+        self._lines.append(f"{self._indent()}<!-- {text.replace('--', '- -')} -->")
+
     def empty(self, tag: str, attrs: Attrs = ()) -> None:
         self._lines.append(f"{self._indent()}<{tag}{self._attrs(attrs)}/>")
 

@@ -309,6 +309,7 @@ class BackupJob:
                     "port": self.listener.port,
                     "path": self.listener.path,
                     "ident": list(self.listener.ident) if self.listener.ident else None,
+                    "private_dir": self.listener.private_dir,
                 }
                 if self.listener is not None
                 else None
@@ -350,6 +351,7 @@ class BackupJob:
                 port=lrec.get("port"),
                 path=lrec.get("path"),
                 ident=ident,  # type: ignore[arg-type]
+                private_dir=lrec.get("private_dir"),
             )
         return job
 
@@ -453,8 +455,10 @@ class BackupJob:
             # QEMU holds its own copy now; ours would keep accepting connections
             # after QEMU's server stopped
             self.listener.release()
-        elif step.kind == "chmod":
-            self._chmod(step.args["path"], step.args["mode"])
+        elif step.kind == "publish-socket":
+            if self.listener is None:  # pragma: no cover - a driver bug
+                raise AssertionError("a publish-socket step needs the job's listener")
+            self.listener.publish(step.args["mode"])
         else:  # pragma: no cover - a planner bug
             raise AssertionError(f"unknown step kind {step.kind}")
 
@@ -487,16 +491,6 @@ class BackupJob:
             os.close(fd)
         self.created_files.append(path)
         self.created_ids[path] = ident
-
-    def _chmod(self, path: str, mode: int) -> None:
-        try:
-            os.chmod(path, mode)
-        except OSError as exc:
-            raise VirError(
-                ErrorNumber.SYSTEM_ERROR,
-                ErrorDomain.QEMU,
-                f"cannot set mode {mode:o} on NBD socket '{path}': {exc.strerror}",
-            ) from None
 
     def _disk_of(self, path: str) -> str:
         for d in self.plan.disks:

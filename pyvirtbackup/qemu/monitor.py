@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +76,7 @@ class Monitor:
         self._watch: asyncio.Task[None] | None = None
         self._disconnect_handlers: dict[int, Callable[[], None]] = {}
         self.address: Address | None = None
+        self.peer_ids: tuple[int, int] | None = None
         self.disconnected = asyncio.Event()
         self._hmp_qdev: dict[str, str] = {}
         self._reap_lock = asyncio.Lock()
@@ -102,8 +105,23 @@ class Monitor:
                 ErrorDomain.QEMU,
                 f"cannot connect to QEMU monitor at {where}: {reason}",
             ) from None
+        self.peer_ids = self._peer_ids()
         self._pump = asyncio.create_task(self._pump_events(), name="qmp-events")
         self._watch = asyncio.create_task(self._watch_state(), name="qmp-state")
+
+    def _peer_ids(self) -> tuple[int, int] | None:
+        """(uid, gid) of the QEMU at the other end of a unix monitor (SO_PEERCRED):
+        whose group may read the TLS key QEMU loads. None over TCP."""
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        _pid, uid, gid = struct.unpack("3i", raw)
+        return uid, gid
 
     @property
     def connected(self) -> bool:

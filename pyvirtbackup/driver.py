@@ -26,6 +26,7 @@ from .enums import (
     ConnectListAllDomainsFlags,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
+from .qemu.features import probe as probe_features
 from .qemu.job import BackupJob
 from .qemu.monitor import Address, Monitor
 from .state import DomainState, check_component
@@ -52,6 +53,17 @@ class Driver(BackupCalls):
     user can read (refused by default). ``tls_allowed_dn_list`` admits only
     client certificates whose Distinguished Name matches one of its glob
     patterns (libvirt's setting of that name; QEMU's tls-authz).
+
+    ``nbd_handshake_max_seconds``: a client that has not finished its NBD (and
+    TLS) handshake by then is dropped, where QEMU can do that (10.0+; see
+    ``Domain.features``).
+
+    Fleecing (on by default, ``fleecing=False`` or a begin's ``fleecing=False`` for
+    libvirt's direct sequence): the guest's writes wait only for a local fleecing
+    image, never for the backup's target or scratch; a write waits at most
+    ``cbw_timeout`` seconds for it before the backup (not the write) fails. A push
+    disk's image goes where ``pvb:fleecing`` says, else into ``fleecing_dir``, else
+    next to the disk's image (else into the state directory).
 
     ``keep_failed_checkpoints``: libvirt keeps the checkpoint created with a push
     that then failed or was cancelled; by default we drop it (see backupcalls).
@@ -98,6 +110,7 @@ class Driver(BackupCalls):
         mon = Monitor(f"pyvirtbackup-{name}")
         try:
             await mon.connect(qmp, timeout=self.connect_timeout)
+            features = await probe_features(mon)
             found, nodes = await self._discover(mon, disks)
             record = dstate.read_record() or {}
             qemu_uuid = await self._qemu_uuid(mon)
@@ -114,11 +127,15 @@ class Driver(BackupCalls):
                 )
                 dstate.write_record(record)
             dom = Domain(name, dom_uuid, qmp, mon, found, nodes, dict(disks) if disks else None)
+            dom.features = features
             dom.completed = dstate.read_completed(dom.recovery_problems, set_aside=take_over)
             dom.checkpoints = CheckpointTree.load(dstate)
         except BaseException:
             await mon.close()
             raise
+        log.info("domain %s: QEMU %s", name, features.version_string)
+        for f in features.features.values():
+            log.debug("domain %s: %s %s: %s", name, f.name, f.present, f.reason)
         self.domains[name] = dom
         if not take_over:
             dom.takeover_pending = dstate.has_job()

@@ -24,6 +24,8 @@ from .errors import ErrorDomain, ErrorNumber, VirError
 from .events import EventRegistry
 from .qemu import blockgraph, nbd
 from .qemu.blockgraph import Disk
+from .qemu.features import QemuFeatures
+from .qemu.fleecing import DEFAULT_CBW_TIMEOUT, FleecingSettings
 from .qemu.job import BackupJob
 from .qemu.monitor import Address, Monitor
 from .qemu.plan import (
@@ -185,6 +187,9 @@ class PreparedBackup:
     tls: nbd.TlsCreds | None
     chk: CheckpointDef | None = None  # created in the backup's transaction
     targets: list[Any] = field(default_factory=list)  # its (disk, bitmap) pairs
+    fleecing: FleecingSettings | None = None
+    suffix: str = ""  # what generated file names end with
+    preserve_shutdown: bool = False
     job: Any = None  # the BackupJob once begin made it (how far it got, on failure)
 
 
@@ -215,6 +220,8 @@ class Domain:
     recovery_problems: list[str] = field(default_factory=list, repr=False)
     # attached for a listing: a recorded backup not taken over yet (see _ready)
     takeover_pending: bool = field(default=False, repr=False)
+    # what this QEMU supports, read at attach; nothing known until then
+    features: QemuFeatures = field(default_factory=QemuFeatures.unknown, repr=False)
 
     def UUIDString(self) -> str:
         return self.uuid
@@ -242,7 +249,11 @@ class DriverBase:
         nbd_socket_mode: int = 0o600,
         nbd_allow_plain_tcp: bool = False,
         tls_allowed_dn_list: Sequence[str] | None = None,
+        nbd_handshake_max_seconds: int = 10,
         keep_failed_checkpoints: bool = False,
+        fleecing: bool = True,
+        fleecing_dir: str | None = None,
+        cbw_timeout: int = DEFAULT_CBW_TIMEOUT,
     ) -> None:
         self.state = State(state_dir)
         # libvirt keeps the checkpoint of a push that failed or was cancelled; the
@@ -263,6 +274,10 @@ class DriverBase:
         self.tls_allowed_dn_list = (
             list(tls_allowed_dn_list) if tls_allowed_dn_list is not None else None
         )
+        self.nbd_handshake_max_seconds = nbd_handshake_max_seconds
+        self.fleecing = fleecing
+        self.fleecing_dir = fleecing_dir
+        self.cbw_timeout = cbw_timeout
         self.tuning = Tuning().merged(tuning)
         self.connect_timeout = connect_timeout
         self.domains: dict[str, Domain] = {}

@@ -11,6 +11,7 @@ import enum
 
 class BackupBeginFlags(enum.IntFlag):
     REUSE_EXTERNAL = 1
+    PRESERVE_SHUTDOWN_DOMAIN = 2  # libvirt 11.10
 
 
 class CheckpointCreateFlags(enum.IntFlag):

@@ -21,6 +21,7 @@ class ErrorNumber(enum.IntEnum):
     OPERATION_FAILED = 9
     XML_ERROR = 27
     OPERATION_DENIED = 29
+    CONF_SYNTAX = 33
     XML_DETAIL = 35
     SYSTEM_ERROR = 38
     NO_DOMAIN = 42

@@ -23,6 +23,9 @@ Layout::
                                                     QEMU and its status XML, one file
     <state_dir>/domains/<domain>/backup.xml         a copy of that status XML, for humans
     <state_dir>/domains/<domain>/completed-job.json stats of the last finished job
+    <state_dir>/fleecing/                           push fleecing images, when neither the
+                                                    XML nor Driver(fleecing_dir) says where
+                                                    and the disk has no directory of its own
 """
 
 from __future__ import annotations
@@ -550,6 +553,13 @@ class State:
 
     def domain(self, name: str) -> DomainState:
         return DomainState(self.root, name, self._trust)
+
+    def fleecing_dir(self) -> Path:
+        """Where fleecing images go when nothing better is known: private to us, by
+        the same rules as every other level of the state directory."""
+        path = self.root / "fleecing"
+        self._trust.dir(path, create=True)
+        return path
 
     def domain_names(self) -> list[str]:
         """Recorded domains; an entry whose name we would refuse is skipped, loudly."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +103,7 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
         existing: dict[str, TestDisk] | None = None,
         subdir: str = "images",
         extra_args: Sequence[str] = (),
+        paused: bool = True,
     ) -> VM:
         workdir = tmp_path / subdir
         workdir.mkdir(exist_ok=True)
@@ -118,6 +121,7 @@ async def vm_factory(tmp_path: Path) -> AsyncIterator[VMFactory]:
                 for d in test_disks.values()
             ],
             extra_args=list(extra_args),
+            paused=paused,
         )
         await proc.start()
         mon = Monitor("test-orchestrator")
@@ -152,6 +156,19 @@ def shared() -> Iterator[Path]:
 
     with shared_dir() as path:
         yield path
+
+
+def pytest_report_header() -> list[str]:
+    """Which QEMU this pass runs against (scripts/test runs one pass per QEMU)."""
+    lines = []
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        where = shutil.which(tool)
+        version = "not found"
+        if where:
+            out = subprocess.run([where, "--version"], capture_output=True, text=True, timeout=30)
+            version = out.stdout.splitlines()[0] if out.stdout else "no version"
+        lines.append(f"{tool}: {where} ({version})")
+    return lines
 
 
 @pytest.fixture(autouse=True, scope="session")

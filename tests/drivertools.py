@@ -66,7 +66,7 @@ async def leftovers(mon: Monitor, original_nodes: set[str]) -> dict[str, Any]:
         (n["node-name"], b["name"])
         for n in await mon.execute("query-named-block-nodes", {"flat": True})
         for b in n.get("dirty-bitmaps", [])
-        if b["name"].startswith(("backup-", "pvb-"))
+        if b.get("name", "").startswith(("backup-", "pvb-"))
     ]
     return {
         "jobs": jobs,

@@ -492,7 +492,7 @@ async def test_a_begin_whose_transaction_fails_keeps_a_bitmap_that_appeared_mean
     real = dom.monitor.transaction
 
     async def transaction(actions, properties=None):
-        if any(a["type"] == "blockdev-backup" for a in actions):
+        if any(a["data"].get("name") == "c1" for a in actions):  # the instant's
             await vm.mon.execute(
                 "block-dirty-bitmap-add", {"node": "vda-fmt", "name": "c1", "persistent": True}
             )

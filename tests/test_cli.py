@@ -109,14 +109,35 @@ async def test_dry_run_prints_the_plan_and_touches_nothing(vm_factory, cli, tmp_
     )
     steps = [json.loads(line) for line in res.out.splitlines()]
     commands = [s.get("execute") or s.get("local") for s in steps]
-    assert commands == [
-        "create",  # the target file, exclusively
+    image = [
+        "create",  # the file, exclusively
         "blockdev-add",  # its storage node, not flushing while it is formatted
         "blockdev-create",
         "blockdev-reopen",  # flushing again
         "blockdev-add",  # its format node
-        "transaction",
     ]
+    assert commands == [
+        *image,  # the target
+        *image,  # the fleecing image
+        "blockdev-add",  # the copy-before-write filter
+        "stop",  # only if the guest runs
+        "transaction",  # the instant: checkpoint and temporary bitmaps
+        "qom-set",  # the device onto the filter
+        "cont",
+        "blockdev-add",  # the snapshot-access view
+        "transaction",  # the job, from the view into the target
+    ]
+    fleece = steps[5]["path"]
+    assert fleece.startswith(vm.disks["vdb"].path + ".fleece.")
+    assert steps[-1]["arguments"]["actions"][0]["data"]["device"] == steps[-2]["arguments"][
+        "node-name"
+    ]
+    res = await cli.ok(
+        "backup-begin", "vm1", "--backupxml", str(xml), "--dry-run", "--max-workers", "8",
+        "--no-fleecing",
+    )  # fmt: skip
+    steps = [json.loads(line) for line in res.out.splitlines()]
+    assert [s.get("execute") or s.get("local") for s in steps] == [*image, "transaction"]
     action = steps[-1]["arguments"]["actions"][0]
     assert action["type"] == "blockdev-backup"
     assert action["data"]["device"] == "vdb-fmt" and action["data"]["sync"] == "full"

@@ -100,6 +100,7 @@ async def test_pull_disk_failure_stops_exports_before_cancelling_the_others(
     await driver.domainBackupBegin(
         dom,
         f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/></domainbackup>",
+        fleecing=False,  # libvirt's way: a fleecing job per disk (test_faults has ours)
     )
     sent: list[tuple[str, dict]] = []
     real = dom.monitor.execute
@@ -152,7 +153,7 @@ async def transaction(self, actions, properties=None):
 Monitor.transaction = transaction
 
 async def main():
-    drv = Driver(state_dir=sys.argv[1])
+    drv = Driver(state_dir=sys.argv[1], fleecing=False)  # jobs start in the transaction
     dom = await drv.attach("vm1", sys.argv[2])
     await drv.domainBackupBegin(dom, sys.argv[3], sys.argv[4])
 asyncio.run(main())

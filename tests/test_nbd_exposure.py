@@ -352,7 +352,7 @@ async def test_a_private_key_others_can_read_is_refused(
             assert res.rc == 0 and int(res.out) > 0, res
         with pytest.raises(VirError, match="private key") as exc:
             await drv.domainBackupBegin(dom, xml)
-        assert exc.value.code == ErrorNumber.OPERATION_INVALID
+        assert exc.value.code == ErrorNumber.CONF_SYNTAX
         assert str(key) in exc.value.message
         assert not (tmp_path / "s.qcow2").exists()
     assert await leftovers(vm.mon, before) == NOTHING_LEFT

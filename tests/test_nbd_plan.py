@@ -13,6 +13,8 @@ from pyvirtbackup.qemu import listen, nbd
 from pyvirtbackup.qemu.blockgraph import Disk
 from pyvirtbackup.qemu.plan import PlanDisk, Tuning, plan_backup
 
+from .certs import make_pki
+
 MiB = 1024 * 1024
 
 
@@ -121,13 +123,12 @@ def test_nbd_steps_are_for_pull_plans_only():
 
 
 def test_tls_dir_check_accepts_a_complete_directory(tmp_path):
-    for name in nbd.TLS_REQUIRED_FILES:
-        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
-    (tmp_path / "server-key.pem").chmod(0o600)
-    nbd.check_tls_dir(str(tmp_path))
-    (tmp_path / "dh-params.pem").write_text("garbage")  # optional, but broken
-    with pytest.raises(VirError, match=r"dh-params\.pem"):
-        nbd.check_tls_dir(str(tmp_path))
+    server = make_pki(tmp_path / "pki").server
+    nbd.check_tls_dir(str(server))
+    (server / "dh-params.pem").write_text("garbage")  # optional, but broken
+    with pytest.raises(VirError, match=r"dh-params\.pem") as exc:
+        nbd.check_tls_dir(str(server))
+    assert exc.value.code == ErrorNumber.CONF_SYNTAX
 
 
 # --------------------------------------------------------------------- listeners

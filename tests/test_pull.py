@@ -30,7 +30,7 @@ from pyvirtbackup.qemu import imgtools, listen
 from pyvirtbackup.qemu.nbd import TLS_ALIAS
 
 from . import drivertools
-from .certs import Pki, make_pki
+from .certs import Pki, make_flawed, make_pki
 from .conftest import VM, MiB
 from .nbd_clients import (
     HeldClient,
@@ -162,7 +162,8 @@ async def test_unix_export_shows_the_disks_as_at_begin(vm_factory, drivers, tmp_
     stats = await drv.domainGetJobStats(dom)
     assert stats["type"] == JobType.UNBOUNDED
     assert stats["disk_temp_total"] == 32 * MiB
-    assert 4 * MiB <= stats["disk_temp_used"] <= 32 * MiB
+    # the scratch holds what the guest overwrote: 2 MiB of data (holes cost nothing)
+    assert 2 * MiB <= stats["disk_temp_used"] <= 32 * MiB
 
     out_vda, out_vdb = str(tmp_path / "vda.out"), str(tmp_path / "vdb.out")
     await nbdcopy(unix_uri(sock, "vda"), out_vda)
@@ -177,7 +178,7 @@ async def test_unix_export_shows_the_disks_as_at_begin(vm_factory, drivers, tmp_
 
     final = await drv.domainGetJobStats(dom, JobStatsFlags.COMPLETED)
     assert final["type"] == JobType.COMPLETED and final["success"] is True
-    assert final["disk_temp_total"] == 32 * MiB and final["disk_temp_used"] >= 4 * MiB
+    assert final["disk_temp_total"] == 32 * MiB and final["disk_temp_used"] >= 2 * MiB
     assert completed == [final]
     with pytest.raises(VirError) as exc:
         await drv.domainBackupGetXMLDesc(dom)
@@ -310,6 +311,7 @@ async def test_tls_without_peer_verification_still_requires_tls(vm_factory, driv
         ("dangling", "server-cert.pem"),
         ("directory", "ca-cert.pem"),
         ("not-pem", "server-cert.pem"),
+        ("refused-by-newer-qemu", "server-cert.pem"),
     ],
 )
 async def test_tls_files_are_checked_before_anything_is_added(
@@ -317,7 +319,9 @@ async def test_tls_files_are_checked_before_anything_is_added(
 ):
     vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
     certs = tmp_path / "certs"
-    if breakage != "no-dir":
+    if breakage == "refused-by-newer-qemu":  # well-formed, but QEMU 10.0 refuses it
+        certs = make_flawed(tmp_path, pki, "ecdsa-key-without-key-encipherment")
+    elif breakage != "no-dir":
         certs.mkdir()
         for f in pki.server.iterdir():
             (certs / f.name).write_bytes(f.read_bytes())
@@ -338,7 +342,7 @@ async def test_tls_files_are_checked_before_anything_is_added(
         await drv.domainBackupBegin(
             dom, pull_xml("<server name='localhost' tls='yes'/>", {"vda": scratch})
         )
-    assert exc.value.code == ErrorNumber.OPERATION_INVALID
+    assert exc.value.code == ErrorNumber.CONF_SYNTAX
     assert str(certs / named) in exc.value.message
     await assert_nothing_left(vm, before, [scratch])
 

@@ -321,3 +321,122 @@ async def test_a_listed_domain_is_taken_over_by_the_first_call_that_needs_its_jo
         assert stats["type"] == JobType.UNBOUNDED and dom.job is not None
         await drv.domainAbortJob(dom)
     assert await leftovers(vm.mon, before) == NOTHING_LEFT
+
+
+def _incremental_xml(mode: str, tmp_path: Path) -> str:
+    if mode == "push":
+        return (
+            "<domainbackup><incremental>c1</incremental><disks><disk name='vda'>"
+            f"<target file='{tmp_path / 'vda.inc'}'/></disk></disks></domainbackup>"
+        )
+    return (
+        f"<domainbackup mode='pull'><incremental>c1</incremental>"
+        f"<server transport='unix' socket='{tmp_path / 'nbd.sock'}'/><disks><disk name='vda'>"
+        f"<scratch file='{tmp_path / 'vda.scratch'}'/></disk></disks></domainbackup>"
+    )
+
+
+@pytest.mark.parametrize("fleecing", [True, False], ids=["fleecing", "direct"])
+@pytest.mark.parametrize("mode", ["push", "pull"])
+async def test_every_kind_of_record_we_write_is_taken_over(vm_factory, tmp_path, mode, fleecing):
+    """The record check accepts every record we write: fleecing (filter, view, image,
+    a push's bitmap moved from the disk's node to the view, a pull's on the disk's
+    node) and the direct sequence, push and pull, incremental; the next driver takes
+    the job over and its abort leaves nothing, the fleecing image included."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    before = await node_names(vm.mon)
+    state = tmp_path / "state"
+    first = Driver(state_dir=state)
+    dom = await first.attach("vm1", vm.qmp)
+    await first.domainCheckpointCreateXML(
+        dom, "<domaincheckpoint><name>c1</name></domaincheckpoint>"
+    )
+    await vm.write("vda", 0x42, 0, 4 * MiB)
+    await first.domainBackupBegin(
+        dom, _incremental_xml(mode, tmp_path), tuning={"speed": 1 * MiB}, fleecing=fleecing
+    )
+    await first.close()
+    record = json.loads((state / "domains" / "vm1" / "backup.json").read_text())
+    plan = record["disks"][0]["plan"]
+    assert plan["fleecing"] is fleecing and plan["bitmap"], plan
+    if fleecing:
+        assert plan["cbw_node"] == "pvb-1-cbw" and plan["access_node"] == "pvb-1-access"
+        if mode == "push":  # made on the disk's node at the instant, then on the view
+            assert (plan["instant_bitmap_node"], plan["bitmap_node"]) == ("vda-fmt", "pvb-1-access")
+            fleece = plan["fleece_path"]
+            assert fleece in record["created_files"] and fleece in record["created_ids"]
+            assert os.path.exists(fleece)
+        else:  # the view exports the disk's own node's bitmap
+            assert plan["bitmap_node"] == "vda-fmt"
+    async with Driver(state_dir=state) as second:
+        dom = await second.attach("vm1", vm.qmp)
+        assert dom.recovery_problems == []
+        assert dom.job is not None
+        await second.domainAbortJob(dom)
+        await wait_completed(second, dom)
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT
+    assert set((await bitmaps(vm.mon))["vda-fmt"]) == {"c1"}
+    assert await vm.mon.execute("qom-get", {"path": "vda", "property": "drive"}) == "vda-fmt"
+    assert not [p for p in os.listdir(vm.workdir) if ".fleece." in p]
+    for made in ("vda.inc", "vda.scratch", "nbd.sock"):  # an aborted target is no backup
+        assert not (tmp_path / made).exists(), made
+
+
+async def test_a_record_naming_the_disk_as_our_filter_is_set_aside(vm_factory, tmp_path):
+    """A fleecing record whose filter or view is the disk's own node would have
+    teardown delete the disk, or switch the device to something else: refused."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    state = tmp_path / "state"
+    first = Driver(state_dir=state)
+    dom = await first.attach("vm1", vm.qmp)
+    await first.domainBackupBegin(dom, None, tuning={"speed": 1 * MiB})
+    await first.close()
+
+    def disk_is_filter(record: dict) -> None:
+        record["disks"][0]["plan"]["access_node"] = "vda-fmt"
+
+    _edit_job(state, disk_is_filter)
+    async with Driver(state_dir=state) as second:
+        dom = await second.attach("vm1", vm.qmp)
+        assert any("access_node" in p for p in dom.recovery_problems), dom.recovery_problems
+        assert dom.job is None
+    assert "vda-fmt" in await node_names(vm.mon)
+    await vm.write("vda", 0x31, 0, 64 * 1024)  # the disk still works
+
+
+async def test_a_fleecing_image_replaced_by_another_file_is_not_deleted(
+    vm_factory, shared, tmp_path
+):
+    """The fleecing image in a directory others can rename in: nobody renames root's
+    file over its name while the backup runs; the end of the backup, which deletes
+    the fleecing image, must leave that file alone."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    before = await node_names(vm.mon)
+    images = shared / "fleece"
+    os.mkdir(images)
+    os.chmod(images, 0o777)
+    precious = images / "root-only.conf"
+    precious.write_text("precious\n")
+    precious.chmod(0o600)
+    fleece = images / "vda.fleece"
+    target = tmp_path / "vda.bak"
+    xml = (
+        "<domainbackup xmlns:pvb='urn:pyvirtbackup:backup:1.0'><disks>"
+        f"<disk name='vda' pvb:fleecing='{fleece}'><target file='{target}'/></disk>"
+        "</disks></domainbackup>"
+    )
+    async with Driver(state_dir=tmp_path / "state") as drv:
+        dom = await drv.attach("vm1", vm.qmp)
+        await drv.domainBackupBegin(dom, xml, tuning={"speed": 1 * MiB})
+        assert fleece.exists()
+        res = await otheruser.run(
+            "import os, sys; os.replace(sys.argv[1], sys.argv[2]); print('swapped')",
+            str(precious),
+            str(fleece),
+        )
+        assert res.rc == 0, res.err
+        await unthrottle(vm.mon)
+        stats = await wait_completed(drv, dom)
+        assert stats["type"] == JobType.COMPLETED, stats
+    assert fleece.read_text() == "precious\n", "root's file, renamed over the image, was deleted"
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT

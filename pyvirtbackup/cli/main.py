@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="name a disk by its top node instead of discovering device ids",
     )
     cmd("detach", "forget a domain")
+    sp = cmd("qemu-features", "what the domain's QEMU supports, and the choice each makes")
+    sp.add_argument("--json", action="store_true")
     sp = cmd("list", "attached domains with their backup job and checkpoints", domain=False)
     sp.add_argument("--with-checkpoint", action="store_true")
     sp.add_argument("--without-checkpoint", action="store_true")
@@ -109,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the QMP commands that would run; change nothing",
+    )
+    sp.add_argument(
+        "--no-fleecing",
+        action="store_true",
+        help="libvirt's direct sequence: a full or slow target can fail or stall the "
+        "guest's writes",
     )
     sp.add_argument("--max-workers", type=int, help="QEMU copy workers per disk (x-perf)")
     sp.add_argument("--max-chunk", type=int, help="QEMU copy chunk in bytes (x-perf)")
@@ -343,13 +351,16 @@ async def cmd_backup_begin(driver: Driver, args: argparse.Namespace) -> int:
     checkpoint_xml = read_file(args.checkpointxml)
     flags = BackupBeginFlags.REUSE_EXTERNAL if args.reuse_external else 0
     tuning = tuning_from(args)
+    fleecing = False if args.no_fleecing else None
     if args.dry_run:
         for step in await driver.backup_dry_run(
-            dom, backup_xml, checkpoint_xml, flags, tuning=tuning
+            dom, backup_xml, checkpoint_xml, flags, tuning=tuning, fleecing=fleecing
         ):
             say(json.dumps(step))
         return 0
-    await driver.domainBackupBegin(dom, backup_xml, checkpoint_xml, flags, tuning=tuning)
+    await driver.domainBackupBegin(
+        dom, backup_xml, checkpoint_xml, flags, tuning=tuning, fleecing=fleecing
+    )
     say("Backup started")
     if not args.wait:
         return 0
@@ -404,6 +415,19 @@ async def ask(question: str) -> bool:
         return False
     answer = await asyncio.get_running_loop().run_in_executor(None, input, "\n" + question)
     return answer.strip().lower() in ("y", "yes")
+
+
+async def cmd_qemu_features(driver: Driver, args: argparse.Namespace) -> int:
+    dom = await open_domain(driver, args.domain)
+    features = dom.features.describe()
+    if args.json:
+        output.dump_json({"qemu": dom.features.version_string, "features": features})
+        return 0
+    say(f"QEMU {dom.features.version_string}")
+    for f in features:
+        say(f"{'yes' if f['present'] else 'no ':<4} {f['feature']}")
+        say(f"     {f['choice']}")
+    return 0
 
 
 async def cmd_backup_dumpxml(driver: Driver, args: argparse.Namespace) -> int:

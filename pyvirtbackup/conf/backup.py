@@ -193,6 +193,7 @@ class BackupDisk:
     state: str | None = None
     backing: str | None = None
     backing_format: str | None = None
+    fleecing: str | None = None  # pvb:fleecing on a push disk: a path, or "no"
 
     @classmethod
     def from_element(cls, node: etree._Element, *, push: bool, internal: bool) -> BackupDisk:
@@ -211,6 +212,8 @@ class BackupDisk:
         if internal:
             disk.state = _prop_enum(node, "state", DISK_STATES, required=True)
         disk._parse_store_base(node, internal)
+        if push:
+            disk.fleecing = node.get(f"{{{PVB_NS}}}fleecing")
         store = node.find("target" if push else "scratch")
         if store is not None:
             disk._parse_store(store)
@@ -289,6 +292,8 @@ class BackupDisk:
             ("exportbitmap", self.exportbitmap),
             ("index", self.index or None),
         ]
+        if push:
+            attrs.append((f"{PVB_PREFIX}:fleecing", self.fleecing))
         store_attrs: list[tuple[str, object | None]] = [
             ("file" if self.type == "file" else "dev", self.path)
         ]
@@ -479,7 +484,7 @@ class BackupDef:
         """Format as virDomainBackupDefFormat does; ``internal`` adds the status parts."""
         w = XMLWriter()
         attrs = [("mode", self.mode)]
-        if not self.is_pull and any(d.backup and d.backing for d in self.disks):
+        if not self.is_pull and any(d.backup and (d.backing or d.fleecing) for d in self.disks):
             attrs.append((f"xmlns:{PVB_PREFIX}", PVB_NS))
         private = internal and (
             self.tls_alias is not None or self.tls_secret_alias is not None or self.plain_tcp

@@ -125,6 +125,11 @@ class Disk:
     # node (a bare protocol node, a json: filename, a filter between layers...), top
     # first, as (filename, format as QEMU reports it, or None when unknown)
     unread_layers: list[tuple[str, str | None]] = field(default_factory=list)
+    # the guest device's QOM path and the node it is attached to (the top format
+    # node, or a filter above it): what fleecing re-points and later restores;
+    # None for a disk named by node only, which no device may be known to use
+    qdev: str | None = None
+    attached_node: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -274,6 +279,8 @@ def parse_disks(query_block: list[dict[str, Any]], named_nodes: list[dict[str, A
                 chain=chain,
                 has_backing=has_backing,
                 unread_layers=unread,
+                qdev=dev.get("qdev") or None,
+                attached_node=inserted.get("node-name") or None,
             )
         )
     return disks

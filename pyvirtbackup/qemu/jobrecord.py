@@ -16,6 +16,8 @@ import re
 from dataclasses import asdict
 from typing import Any
 
+from .actions import SHUTDOWN_ACTIONS
+from .fleecing import names as fleecing_names
 from .monitor import Monitor
 from .nbd import AUTHZ_ALIAS, TLS_ALIAS
 from .plan import DiskPlan, job_id, node_names
@@ -32,13 +34,29 @@ _OPT_STR = (
     "export_bitmap",
     "export_id",
     "sync",
+    "qdev",
+    "attached_node",
+    "fleece_path",
+    "fleece_storage_node",
+    "fleece_node",
+    "cbw_node",
+    "access_node",
+    "instant_bitmap_node",
+    "direct_reason",
 )
 _INT = ("store_id", "size")
 _BOOL = ("create_file", "create_format")
-# nodes a record may name that are not ours to delete: the disk's and its backing
-_FOREIGN_NODES = ("source_node", "backing_node", "bitmap_node")
-# paths a plan names that are never files we created: the disk and its backing
-_NOT_OURS_FILES = ("source_path", "backing_file")
+# nodes a record may name that are not ours to delete: the disk's, its backing, what
+# its device used before the fleecing filter, and where a bitmap is made or moved from
+_FOREIGN_NODES = (
+    "source_node",
+    "backing_node",
+    "bitmap_node",
+    "attached_node",
+    "instant_bitmap_node",
+)
+# the only plan fields that name files we create: a target or scratch, a fleecing image
+_OUR_FILES = ("path", "fleece_path")
 _CHECKPOINT_NAME = re.compile(r"[a-zA-Z0-9_\-][a-zA-Z0-9_\-.]*")
 _OBJECTS = {TLS_ALIAS, AUTHZ_ALIAS}
 
@@ -81,6 +99,8 @@ def check_plan(plan: Any, mode: str) -> None:
             raise RecordError(f"plan field {key!r} is missing or not true/false")
     if not _opt(plan.get("cluster_size"), int) or not isinstance(plan.get("merge", []), list):
         raise RecordError("plan fields 'cluster_size' or 'merge' have the wrong type")
+    if not isinstance(plan.get("fleecing", False), bool) or not _is_int(plan.get("cbw_timeout", 0)):
+        raise RecordError("plan fields 'fleecing' or 'cbw_timeout' have the wrong type")
     disk = plan["disk"]
     if plan["job_id"] != job_id(disk):
         raise RecordError(f"job id {plan['job_id']!r} is not ours")
@@ -94,13 +114,57 @@ def check_plan(plan: Any, mode: str) -> None:
                 raise RecordError(f"node {value!r} ({key}) is not named as ours")
     if plan.get("export_id") not in (None, f"pvb-nbd-{disk}"):
         raise RecordError(f"export id {plan['export_id']!r} is not ours")
+    _check_fleecing(plan, mode)
+    _check_bitmaps(plan, mode)
+
+
+def _check_fleecing(plan: dict[str, Any], mode: str) -> None:
+    """The filter's, view's and fleecing image's nodes are exactly the planner's names:
+    teardown deletes them and switches the device back from one of them."""
+    fleece_nodes = ("fleece_storage_node", "fleece_node", "cbw_node", "access_node")
+    if not plan.get("fleecing"):
+        if any(plan.get(k) is not None for k in (*fleece_nodes, "fleece_path")):
+            raise RecordError("a disk without fleecing names fleecing nodes or an image")
+        return
+    expected = fleecing_names(plan["store_id"])
+    if mode == "pull":  # the scratch is the fleecing image
+        expected["fleece_storage_node"] = plan["storage_node"]
+        expected["fleece_node"] = plan["format_node"]
+    for key in fleece_nodes:
+        if plan.get(key) != expected[key]:
+            raise RecordError(f"node {plan.get(key)!r} ({key}) is not the one we name")
+    if not (isinstance(plan.get("qdev"), str) and isinstance(plan.get("attached_node"), str)):
+        raise RecordError("a fleecing disk's device or its previous node is missing")
+    path = plan.get("fleece_path")
+    if mode == "pull" and path != plan["path"]:
+        raise RecordError(f"a pull's fleecing image {path!r} is not its scratch")
+
+
+def _check_bitmaps(plan: dict[str, Any], mode: str) -> None:
+    """Temporary bitmaps: on a node of ours, or on the disk's own node under the name
+    we give them (push) or the export's bitmap name (a fleecing pull exports the
+    disk's own node). Persistent ones are spared whatever this says
+    (``spare_persistent_bitmaps``)."""
+    disk = plan["disk"]
     bitmap = plan.get("bitmap")
-    if bitmap is not None:
-        on_ours = _our_node(plan.get("bitmap_node"), plan)
-        if mode == "push" and not (bitmap == f"backup-{disk}" or on_ours):
-            raise RecordError(f"bitmap {bitmap!r} is not one of our temporary bitmaps")
-        if mode == "pull" and not on_ours:
+    instant = plan.get("instant_bitmap_node")
+    if bitmap is None:
+        if instant is not None:
+            raise RecordError("an instant's bitmap node without a bitmap")
+        return
+    ours = f"backup-{disk}"
+    node = plan.get("bitmap_node")
+    if not _our_node(node, plan):
+        if node != plan["source_node"]:
+            raise RecordError(f"bitmap {bitmap!r} is on {node!r}, neither ours nor the disk's")
+        if mode == "pull" and not (plan.get("fleecing") and bitmap == plan.get("export_bitmap")):
             raise RecordError(f"bitmap {bitmap!r} is not on a node of ours")
+        if mode == "push" and bitmap != ours:
+            raise RecordError(f"bitmap {bitmap!r} is not one of our temporary bitmaps")
+    if instant is not None and not (
+        mode == "push" and instant == plan["source_node"] and bitmap == ours
+    ):
+        raise RecordError(f"the instant's bitmap {bitmap!r} on {instant!r} is not ours")
 
 
 def check(record: Any) -> None:
@@ -123,6 +187,8 @@ def check(record: Any) -> None:
         plans.append(d["plan"])
         if not _opt(d.get("state"), str) or not _opt(d.get("error"), str):
             raise RecordError("a disk's state or error is not a string")
+        if not isinstance(d.get("cleaned", False), bool):
+            raise RecordError("a disk's 'cleaned' is not true/false")
         if not (_is_int(d.get("current", 0)) and _is_int(d.get("total", 0))):
             raise RecordError("a disk's progress is not a number")
     if len({p["job_id"] for p in plans}) != len(plans):
@@ -143,6 +209,13 @@ def check(record: Any) -> None:
     for key in ("first_error", "checkpoint_xml"):
         if not _opt(record.get(key), str):
             raise RecordError(f"{key!r} is not a string")
+    for key in ("paused_by_us", "guest_shut_down"):
+        if not isinstance(record.get(key, False), bool):
+            raise RecordError(f"{key!r} is not true/false")
+    if record.get("shutdown_restore") not in (None, *SHUTDOWN_ACTIONS):
+        raise RecordError(f"shutdown action {record.get('shutdown_restore')!r} is unknown")
+    if not _is_int(record.get("version", 2)):
+        raise RecordError("'version' is not a number")
     chk = record.get("checkpoint")
     if chk is not None and not (isinstance(chk, str) and _CHECKPOINT_NAME.fullmatch(chk)):
         raise RecordError(f"checkpoint {chk!r} is not a checkpoint name")
@@ -153,10 +226,7 @@ def _check_files(record: dict[str, Any], plans: list[dict[str, Any]]) -> None:
     """Only files the plan names, by absolute path, each with its (device, inode)."""
     files = record.get("created_files", [])
     named = {
-        v
-        for p in plans
-        for k, v in p.items()
-        if k not in _NOT_OURS_FILES and isinstance(v, str) and v.startswith("/")
+        v for p in plans for k in _OUR_FILES if isinstance(v := p.get(k), str) and v.startswith("/")
     }
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise RecordError("'created_files' is not a list of paths")
@@ -193,8 +263,15 @@ def _check_listener(rec: Any) -> None:
 
 async def spare_persistent_bitmaps(mon: Monitor, plans: list[DiskPlan]) -> list[str]:
     """Forget a recorded temporary bitmap that is persistent in QEMU: ours never are,
-    so it belongs to somebody else (a checkpoint, another tool) and stays."""
-    named = [dp for dp in plans if dp.bitmap and not _our_node(dp.bitmap_node, asdict(dp))]
+    so it belongs to somebody else (a checkpoint, another tool) and stays. Looked at
+    on every node not ours that a record names for one: the bitmap's, and a fleecing
+    push's instant node (where its bitmap was made before moving to the view)."""
+    named = [
+        dp
+        for dp in plans
+        if dp.bitmap
+        and (not _our_node(dp.bitmap_node, asdict(dp)) or dp.instant_bitmap_node is not None)
+    ]
     if not named:
         return []
     found = {
@@ -204,11 +281,17 @@ async def spare_persistent_bitmaps(mon: Monitor, plans: list[DiskPlan]) -> list[
     }
     problems = []
     for dp in named:
-        info = found.get((dp.bitmap_node, dp.bitmap))
-        if info is not None and info.get("persistent"):
+        for field in ("instant_bitmap_node", "bitmap_node"):
+            node = getattr(dp, field)
+            info = found.get((node, dp.bitmap))
+            if node is None or info is None or not info.get("persistent"):
+                continue
             problems.append(
-                f"bitmap '{dp.bitmap}' on node '{dp.bitmap_node}' is persistent, so it is "
+                f"bitmap '{dp.bitmap}' on node '{node}' is persistent, so it is "
                 "not a temporary bitmap of ours; it was left alone"
             )
-            dp.bitmap = None
+            if field == "instant_bitmap_node":
+                dp.instant_bitmap_node = None
+            else:
+                dp.bitmap = dp.instant_bitmap_node = None
     return problems

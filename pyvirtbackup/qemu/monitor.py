@@ -238,6 +238,18 @@ class Monitor:
                 ) from None
             await self.execute("getfd", {"fdname": name})
 
+    def peer_pid(self) -> int | None:
+        """QEMU's process id, from the unix socket's peer credentials (None over TCP)."""
+        if not self.can_pass_fds or not self.connected:
+            return None
+        try:
+            sock = self._client._writer.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except (AttributeError, OSError):
+            return None
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        return pid or None
+
     async def hmp(self, command_line: str) -> str:
         return await self.execute("human-monitor-command", {"command-line": command_line})
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
 from .plan import Plan, Step
+from .tlsfiles import check_server_files
+from .tlsfiles import tls_error as _tls_error
 
 # What QEMU's tls-creds-x509 server endpoint loads from its directory: the first
 # three it requires, the other two it reads when they exist.
@@ -27,6 +29,7 @@ TLS_OPTIONAL_FILES = ("ca-crl.pem", "dh-params.pem")
 
 TLS_ALIAS = "pvb-backup-tls0"
 AUTHZ_ALIAS = "pvb-backup-authz0"
+HANDSHAKE_FEATURE = "nbd-server-start.handshake-max-seconds"
 LISTEN_FD_NAME = "pvb-nbd-listen"
 
 
@@ -46,17 +49,13 @@ class TlsCreds:
     authz_alias: str = AUTHZ_ALIAS
 
 
-def _tls_error(message: str) -> VirError:
-    # libvirt's number for "backup TLS directory not configured"; one number for
-    # every TLS set-up problem, and the message says which file and what is wrong
-    return VirError(ErrorNumber.OPERATION_INVALID, ErrorDomain.QEMU, message)
-
-
 def check_tls_dir(directory: str, *, qemu: tuple[int, int] | None = None) -> None:
-    """Find a missing or unreadable certificate before anything is added to QEMU.
+    """Find a missing, unreadable or unacceptable certificate, or a private key
+    others could read, before anything is added to QEMU.
 
     QEMU would find it too, but only at object-add, after the scratch images
-    exist, and with a message that does not say how to fix it. ``qemu`` is the
+    exist, with a message that does not say how to fix it, and a newer QEMU
+    refuses certificates an older one took (``tlsfiles``). ``qemu`` is the
     (uid, gid) QEMU runs as, for the private key's check (``check_private_key``).
     """
     hint = "set Driver(tls_x509_cert_dir=...) to a directory holding " + ", ".join(
@@ -82,6 +81,7 @@ def check_tls_dir(directory: str, *, qemu: tuple[int, int] | None = None) -> Non
         if b"-----BEGIN " not in head:
             raise _tls_error(f"backup TLS file '{path}' is not a PEM file")
     check_private_key(os.path.join(directory, "server-key.pem"), qemu)
+    check_server_files(directory)
 
 
 def check_private_key(path: str, qemu: tuple[int, int] | None) -> None:
@@ -165,6 +165,7 @@ def server_steps(
     authz_alias: str | None = None,
     pass_fd: bool = False,
     publish: tuple[str, int] | None = None,
+    handshake_max_seconds: int | None = None,
 ) -> list[Step]:
     """Start QEMU's (only) NBD server.
 
@@ -173,7 +174,8 @@ def server_steps(
     place with its mode before QEMU serves it. ``publish`` (path, mode) is for
     monitors that cannot pass descriptors: QEMU binds the unix socket inside our
     private directory, and the socket is given its mode there and linked to its
-    path (``listen.publish``) before any export exists.
+    path (``listen.publish``) before any export exists. ``handshake_max_seconds``
+    (QEMU 10.0+) drops a client that does not finish its handshake in time.
     """
     steps: list[Step] = []
     if pass_fd:
@@ -192,6 +194,8 @@ def server_steps(
         args["tls-creds"] = tls_alias
     if authz_alias:
         args["tls-authz"] = authz_alias
+    if handshake_max_seconds is not None:
+        args["handshake-max-seconds"] = handshake_max_seconds
     steps.append(Step("qmp", "nbd-server-start", args, undo=[Step("qmp", "nbd-server-stop", {})]))
     if publish is not None:
         path, mode = publish
@@ -214,21 +218,24 @@ def check_export_names(plan: Plan) -> None:
 
 
 def export_steps(plan: Plan) -> list[Step]:
-    """One read-only export of each scratch node, with the incremental bitmap if any.
-
-    The bitmap is the disabled temporary one on the scratch node: QEMU refuses to
-    export a bitmap that still records.
+    """One read-only export of each disk's point-in-time view (the fleecing filter's
+    snapshot-access node, or the scratch node the direct way), with the incremental
+    bitmap if any: the disabled temporary one, as QEMU refuses to export a bitmap
+    that still records.
     """
     steps = []
     for dp in plan.disks:
         args: dict[str, Any] = {
             "type": "nbd",
             "id": dp.export_id,
-            "node-name": dp.format_node,
+            "node-name": dp.access_node if dp.fleecing else dp.format_node,
             "name": dp.export_name,
             "writable": False,
         }
-        if dp.export_bitmap:
+        if dp.export_bitmap and dp.fleecing:
+            # the bitmap stays on the disk's node, which QEMU then wants named
+            args["bitmaps"] = [{"node": dp.bitmap_node, "name": dp.export_bitmap}]
+        elif dp.export_bitmap:
             args["bitmaps"] = [dp.export_bitmap]
         steps.append(Step("qmp", "block-export-add", args))
     return steps
@@ -241,6 +248,7 @@ def add_pull_steps(
     tls: TlsCreds | None = None,
     pass_fd: bool = False,
     publish: tuple[str, int] | None = None,
+    handshake_max_seconds: int | None = None,
 ) -> Plan:
     """Extend a planned pull backup with its NBD server and exports."""
     if plan.mode != "pull":
@@ -258,6 +266,7 @@ def add_pull_steps(
         authz_alias=authz,
         pass_fd=pass_fd,
         publish=publish,
+        handshake_max_seconds=handshake_max_seconds,
     )
     plan.after += export_steps(plan)
     return plan

@@ -9,13 +9,18 @@ each, and rolls back on any failure before the transaction succeeds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
 from .bitmaps import check_chain, merge_actions
 from .blockgraph import BlockNode, Disk
+from .features import QemuFeatures
+
+if TYPE_CHECKING:
+    from .fleecing import FleecingSettings
 
 FORMATS_WITH_BACKING = frozenset({"qcow2", "qed", "vmdk"})
+ON_CBW_ERROR = "blockdev-backup.on-cbw-error"
 
 
 @dataclass
@@ -105,6 +110,30 @@ class DiskPlan:
     export_name: str | None = None
     export_bitmap: str | None = None
     export_id: str | None = None
+    # fleecing (qemu.fleecing): the device's writes go through a copy-before-write
+    # filter into a local image, the backup reads a snapshot-access view of it
+    fleecing: bool = False
+    qdev: str | None = None  # the device re-pointed at the filter
+    attached_node: str | None = None  # what the device used before, restored after
+    fleece_path: str | None = None  # push: the fleecing image (pull: the scratch)
+    fleece_storage_node: str | None = None
+    fleece_node: str | None = None
+    cbw_node: str | None = None
+    access_node: str | None = None
+    cbw_timeout: int = 0
+    # push incremental through fleecing: the instant's bitmap is made on the source
+    # node in the transaction, then moved to the access node the job reads
+    instant_bitmap_node: str | None = None
+    direct_reason: str | None = None  # why this disk runs libvirt's direct sequence
+
+    @property
+    def store_nodes(self) -> tuple[str, str]:
+        return self.storage_node, self.format_node
+
+    @property
+    def has_qemu_job(self) -> bool:
+        """A pull through fleecing has no block job: its end is an abort or a break."""
+        return not (self.fleecing and self.sync == "none")
 
 
 @dataclass
@@ -115,14 +144,44 @@ class Plan:
     tuning: Tuning = field(default_factory=Tuning)
     stores: list[list[Step]] = field(default_factory=list)  # one lane per disk, run side by side
     prepare: list[Step] = field(default_factory=list)  # then these, in order (TLS, NBD server)
+    # the instant: guest paused (if it runs), the transaction, the devices switched
+    # onto their fleecing filters, guest resumed
     transaction: list[dict[str, Any]] = field(default_factory=list)
-    after: list[Step] = field(default_factory=list)  # steps after the transaction
+    switch: list[Step] = field(default_factory=list)
+    after: list[Step] = field(default_factory=list)  # steps after the instant
+    # PRESERVE_SHUTDOWN_DOMAIN: the guest's shutdown action while the job runs is
+    # pause; this is the one to restore (and to carry out) when it ends
+    shutdown_restore: str | None = None
+
+    def preserve_shutdown(self, previous: str) -> None:
+        self.shutdown_restore = previous
+        self.prepare.insert(
+            0,
+            Step(
+                "qmp",
+                "set-action",
+                {"shutdown": "pause"},
+                undo=[Step("qmp", "set-action", {"shutdown": previous})],
+            ),
+        )
+
+    @property
+    def pauses(self) -> bool:
+        """Several disks switched one by one share one instant only with the guest
+        paused; one disk switched alone is one instant by itself, but its checkpoint
+        bitmaps (made in the transaction) must be that instant too."""
+        return bool(self.switch)
 
     def describe(self) -> list[dict[str, Any]]:
         """The commands in the order they will run, for a dry run."""
         out = [s.describe() for lane in self.stores for s in lane]
         out += [s.describe() for s in self.prepare]
+        if self.pauses:
+            out.append({"execute": "stop", "when": "the guest is running"})
         out.append({"execute": "transaction", "arguments": {"actions": self.transaction}})
+        out += [s.describe() for s in self.switch]
+        if self.pauses:
+            out.append({"execute": "cont", "when": "the guest was running"})
         out += [s.describe() for s in self.after]
         return out
 
@@ -141,6 +200,8 @@ class PlanDisk:
     export_bitmap: str | None = None
     backing_file: str | None = None  # our extension: previous backup as the target's backing
     backing_fmt: str | None = None
+    fleece_path: str | None = None  # push with fleecing: where the fleecing image goes
+    direct: bool = False  # this disk asked for libvirt's direct sequence
 
 
 def node_names(store_id: int) -> tuple[str, str]:
@@ -159,31 +220,76 @@ def _cache(tuning: Tuning) -> dict[str, Any] | None:
 
 def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
     """Create (unless reused) and open one target or scratch: libvirt's order."""
+    return image_steps(
+        ImageSpec(
+            disk=dp.disk,
+            path=dp.path,
+            store_type=dp.store_type,
+            fmt=dp.fmt,
+            size=dp.size,
+            storage_node=dp.storage_node,
+            format_node=dp.format_node,
+            create_file=dp.create_file,
+            create_format=dp.create_format,
+            cluster_size=dp.cluster_size,
+            backing_node=dp.backing_node,
+            backing_file=dp.backing_file,
+            backing_fmt=dp.backing_fmt,
+            job_prefix=f"pvb-create-{dp.store_id}",
+            discard=dp.fleecing and dp.sync == "none",  # a pull scratch is a fleecing image
+        ),
+        tuning,
+    )
+
+
+@dataclass
+class ImageSpec:
+    """An image the backup creates and opens: a target, a scratch, a fleecing image."""
+
+    disk: str
+    path: str
+    store_type: str
+    fmt: str
+    size: int
+    storage_node: str
+    format_node: str
+    create_file: bool
+    create_format: bool
+    cluster_size: int | None = None
+    backing_node: str | None = None
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    job_prefix: str = "pvb-create"
+    discard: bool = False  # pass discards down to the file (a fleecing image shrinks)
+
+
+def image_steps(img: ImageSpec, tuning: Tuning) -> list[Step]:
+    """Create (unless reused) and open one image."""
     steps: list[Step] = []
-    if dp.create_file:
+    if img.create_file:
         steps.append(
             Step(
                 "create-file",
                 "create",
-                {"path": dp.path, "disk": dp.disk},
-                undo=[Step("remove-file", "remove", {"path": dp.path})],
+                {"path": img.path, "disk": img.disk},
+                undo=[Step("remove-file", "remove", {"path": img.path})],
             )
         )
-        if dp.fmt == "raw":
+        if img.fmt == "raw":
             steps.append(
                 Step(
                     "qmp-job",
                     "blockdev-create",
                     {
-                        "job-id": f"pvb-create-{dp.store_id}-storage",
-                        "options": {"driver": "file", "filename": dp.path, "size": dp.size},
+                        "job-id": f"{img.job_prefix}-storage",
+                        "options": {"driver": "file", "filename": img.path, "size": img.size},
                     },
                 )
             )
     storage: dict[str, Any] = {
-        "driver": "file" if dp.store_type == "file" else "host_device",
-        "filename": dp.path,
-        "node-name": dp.storage_node,
+        "driver": "file" if img.store_type == "file" else "host_device",
+        "filename": img.path,
+        "node-name": img.storage_node,
         "auto-read-only": True,
         "discard": "unmap",
     }
@@ -194,20 +300,20 @@ def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
         "qmp",
         "blockdev-add",
         {**storage, "cache": cache} if cache else dict(storage),
-        undo=[Step("qmp", "blockdev-del", {"node-name": dp.storage_node})],
+        undo=[Step("qmp", "blockdev-del", {"node-name": img.storage_node})],
     )
-    if dp.create_format and dp.fmt != "raw":
+    if img.create_format and img.fmt != "raw":
         # Format while the node does not flush: a flush here would wait for every
         # dirty page of the host's filesystem journal (seconds on a busy host) and
         # buys nothing, since deleting the node at the end flushes the file. Then
         # the node is reopened with flushes on, before any backup data reaches it.
-        options: dict[str, Any] = {"driver": dp.fmt, "file": dp.storage_node, "size": dp.size}
-        if dp.backing_file:
-            options["backing-file"] = dp.backing_file
-            if dp.backing_fmt:
-                options["backing-fmt"] = dp.backing_fmt
-        if dp.cluster_size and dp.fmt == "qcow2":
-            options["cluster-size"] = dp.cluster_size
+        options: dict[str, Any] = {"driver": img.fmt, "file": img.storage_node, "size": img.size}
+        if img.backing_file:
+            options["backing-file"] = img.backing_file
+            if img.backing_fmt:
+                options["backing-fmt"] = img.backing_fmt
+        if img.cluster_size and img.fmt == "qcow2":
+            options["cluster-size"] = img.cluster_size
         add.args["cache"] = {**cache, "no-flush": True}
         flushing = {**storage, "cache": {**cache, "no-flush": False}}
         steps += [
@@ -215,21 +321,23 @@ def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
             Step(
                 "qmp-job",
                 "blockdev-create",
-                {"job-id": f"pvb-create-{dp.store_id}-format", "options": options},
+                {"job-id": f"{img.job_prefix}-format", "options": options},
             ),
             Step("qmp", "blockdev-reopen", {"options": [flushing]}),
         ]
     else:
         steps.append(add)
     fmt_node: dict[str, Any] = {
-        "node-name": dp.format_node,
+        "node-name": img.format_node,
         "read-only": False,
-        "driver": dp.fmt,
-        "file": dp.storage_node,
+        "driver": img.fmt,
+        "file": img.storage_node,
     }
-    if dp.fmt in FORMATS_WITH_BACKING:
-        fmt_node["backing"] = dp.backing_node  # None terminates the chain
-    if tuning.detect_zeroes:
+    if img.fmt in FORMATS_WITH_BACKING:
+        fmt_node["backing"] = img.backing_node  # None terminates the chain
+    if img.discard:
+        fmt_node["discard"] = "unmap"
+    elif tuning.detect_zeroes:
         fmt_node["detect-zeroes"] = tuning.detect_zeroes
         fmt_node["discard"] = "unmap"
     steps.append(
@@ -237,7 +345,7 @@ def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
             "qmp",
             "blockdev-add",
             fmt_node,
-            undo=[Step("qmp", "blockdev-del", {"node-name": dp.format_node})],
+            undo=[Step("qmp", "blockdev-del", {"node-name": img.format_node})],
         )
     )
     return steps
@@ -269,7 +377,10 @@ def skips_unallocated_safely(src: Disk, dp: DiskPlan) -> bool:
     )
 
 
-def backup_action(dp: DiskPlan, tuning: Tuning) -> dict[str, Any]:
+def backup_action(
+    dp: DiskPlan, tuning: Tuning, features: QemuFeatures | None = None
+) -> dict[str, Any]:
+    features = features or QemuFeatures.unknown()
     data: dict[str, Any] = {
         "device": dp.source_node,
         "job-id": dp.job_id,
@@ -278,11 +389,21 @@ def backup_action(dp: DiskPlan, tuning: Tuning) -> dict[str, Any]:
         "auto-finalize": True,
         "auto-dismiss": False,
     }
+    perf: dict[str, Any] = {}
+    if dp.fleecing:
+        from . import fleecing
+
+        options = fleecing.backup_options(dp, features)
+        perf.update(options.pop("x-perf", {}))
+        data.update(options)
+    elif features.has(ON_CBW_ERROR):
+        # QEMU 10.1+: even on the direct path, a failed copy breaks the backup and
+        # not the guest's write
+        data["on-cbw-error"] = "break-snapshot"
     if dp.sync == "incremental":
         data["bitmap"] = dp.bitmap
     if tuning.speed:
         data["speed"] = tuning.speed
-    perf: dict[str, Any] = {}
     if tuning.max_workers is not None:
         perf["max-workers"] = tuning.max_workers
     if tuning.max_chunk is not None:
@@ -347,12 +468,22 @@ def plan_backup(
     tuning: Tuning,
     checkpoint_actions: list[dict[str, Any]] | None = None,
     known_checkpoints: set[str] | None = None,
+    features: QemuFeatures | None = None,
+    fleecing_settings: FleecingSettings | None = None,
 ) -> Plan:
-    """Plan the stores, the merge actions and the one transaction of a backup.
+    """Plan the stores, the merge actions, the instant and what follows it.
+
+    ``fleecing_settings`` (None: libvirt's direct sequence for every disk) routes
+    each disk that can be fleeced through ``qemu.fleecing``; the others keep the
+    direct sequence, with the reason in ``DiskPlan.direct_reason``.
 
     Raises VirError for what libvirt refuses at this stage (unknown checkpoint,
     broken bitmap chain, a disk without media) before anything is touched.
     """
+    from . import fleecing
+
+    features = features or QemuFeatures.unknown()
+    no_reason = fleecing.unavailable(features) if fleecing_settings else None
     if mode not in ("push", "pull"):
         raise VirError(
             ErrorNumber.CONFIG_UNSUPPORTED, ErrorDomain.DOMAIN, f"unknown backup mode '{mode}'"
@@ -417,6 +548,17 @@ def plan_backup(
                 f"backup into a format with backing files (qcow2), not a {pd.fmt} "
                 f"{'incremental' if incremental else 'full'} backup",
             )
+        fleece = False
+        if fleecing_settings is not None and fleecing_settings.enabled:
+            dp.direct_reason = (
+                no_reason
+                or ("the backup XML says pvb:fleecing='no'" if pd.direct else None)
+                or fleecing.direct_reason(src)
+            )
+            if dp.direct_reason is None:
+                fleecing.prepare(dp, src, fleecing_settings, pd.fleece_path)
+                fleece = True
+        granularity: int | None = None
         if incremental:
             chk = pd.incremental or ""
             if known_checkpoints is not None and chk not in known_checkpoints:
@@ -434,19 +576,37 @@ def plan_backup(
                 dp.bitmap_node = src.node
             else:
                 dp.bitmap = pd.export_bitmap or f"backup-{pd.name}"
-                dp.bitmap_node = format_node
+                # fleecing exports the source's bitmap; the direct way, the scratch's
+                dp.bitmap_node = src.node if fleece else format_node
             dp.merge = merge_actions(dp.bitmap_node, dp.bitmap, check.layers)
+            if fleece and mode == "push":  # the job reads the view: its bitmap goes there
+                dp.instant_bitmap_node, dp.bitmap_node = src.node, dp.access_node
+                granularity = check.layers[0].granularity if check.layers else None
         if mode == "pull":
             dp.export_name = pd.export_name or pd.name
             dp.export_bitmap = dp.bitmap
             dp.export_id = f"pvb-nbd-{pd.name}"
         plan.disks.append(dp)
-        plan.stores.append(store_steps(dp, tuning))
+        lane = store_steps(dp, tuning)
+        if fleece:
+            if mode == "push":  # the fleecing image is local: no target cache settings
+                lane += image_steps(fleecing.image(dp), Tuning())
+            lane.append(fleecing.filter_step(dp, features))
+            plan.switch.append(fleecing.switch_step(dp))
+            plan.after += fleecing.access_steps(dp, granularity)
+        plan.stores.append(lane)
 
     plan.transaction = list(plan.checkpoint_actions)
     for dp in plan.disks:
         plan.transaction += dp.merge
-        plan.transaction.append(backup_action(dp, tuning))
+        if not dp.fleecing:
+            plan.transaction.append(backup_action(dp, tuning, features))
+    # fleecing pushes start once the instant is over, all in one transaction
+    jobs = [
+        backup_action(dp, tuning, features) for dp in plan.disks if dp.fleecing and dp.has_qemu_job
+    ]
+    if jobs:
+        plan.after.append(Step("qmp", "transaction", {"actions": jobs}))
     return plan
 
 

@@ -192,6 +192,21 @@ class QemuProcess:
     def stderr_path(self) -> Path:
         return self.rundir / "stderr.log"
 
+    @property
+    def stdout_path(self) -> Path:
+        """QEMU's stdout: where HMP qemu-io reports a failed write ("write failed: ...")."""
+        return self.rundir / "stdout.log"
+
+    def stdout_text(self) -> str:
+        try:
+            return self.stdout_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def guest_write_failures(self) -> int:
+        """Writes of the stand-in guest (HMP qemu-io) that QEMU reported as failed."""
+        return self.stdout_text().count("write failed")
+
     def argv(self) -> list[str]:
         argv = [
             QEMU_BINARY,
@@ -220,11 +235,11 @@ class QemuProcess:
             )
         self._dir = tempfile.mkdtemp(prefix="pyvirtbackup-qemu-")
         os.chmod(self._dir, 0o700)
-        with open(self.stderr_path, "wb") as err:
+        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv(),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
+                stdout=out,
                 stderr=err,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,

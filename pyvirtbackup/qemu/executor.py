@@ -1,0 +1,161 @@
+"""Running plan steps: QMP commands, QMP jobs (create, wait, dismiss), descriptors,
+and the local files we create; each step done leaves its undo, and a rollback runs
+them in reverse until nothing of a failed begin is left."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from ..errors import ErrorDomain, ErrorNumber, VirError
+from . import ownfiles
+from .jobcore import CREATE_TIMEOUT, exists_error, finish_even_if_cancelled
+from .plan import Step
+
+log = logging.getLogger(__name__)
+
+
+class StepRunner:
+    """The part of ``BackupJob`` that runs steps (a mixin: state lives in BackupJob)."""
+
+    async def _run_lane(self, steps: list[Step], undo: list[Step]) -> None:
+        """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
+        for step in steps:
+            await self._run(step)
+            undo.extend(step.undo)
+
+    async def _run(self, step: Step) -> None:
+        if step.kind == "create-file":
+            self._create_file(step.args["path"], step.args.get("disk", ""))
+        elif step.kind == "remove-file":
+            self._remove_file(step.args["path"])
+        elif step.kind == "qmp":
+            try:
+                await self.mon.execute(step.command, step.args)
+            except VirError:
+                if step.ignore_errors:
+                    return
+                raise
+            self._note_resource(step)
+        elif step.kind == "qmp-job":
+            await self._run_qmp_job(step)
+        elif step.kind == "pass-fd":
+            if self.listener is None:  # pragma: no cover - a driver bug
+                raise AssertionError("a pass-fd step needs the job's listener")
+            await self.mon.pass_fd(self.listener.fileno(), step.args["fdname"])
+            # QEMU holds its own copy now; ours would keep accepting connections
+            # after QEMU's server stopped
+            self.listener.release()
+        elif step.kind == "publish-socket":
+            if self.listener is None:  # pragma: no cover - a driver bug
+                raise AssertionError("a publish-socket step needs the job's listener")
+            self.listener.publish(step.args["mode"])
+        else:  # pragma: no cover - a planner bug
+            raise AssertionError(f"unknown step kind {step.kind}")
+
+    def _note_resource(self, step: Step) -> None:
+        if step.command == "block-export-add":
+            self.exports_added.append(step.args["id"])
+        elif step.command == "nbd-server-start":
+            self.server_started = True
+        elif step.command == "nbd-server-stop":
+            self.server_started = False
+        elif step.command == "object-add":
+            self.objects_added.append(step.args["id"])
+        elif step.command == "object-del" and step.args["id"] in self.objects_added:
+            self.objects_added.remove(step.args["id"])
+
+    def _create_file(self, path: str, disk: str) -> None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise exists_error(path, disk or self._disk_of(path)) from None
+        except OSError as exc:
+            raise VirError(
+                ErrorNumber.SYSTEM_ERROR,
+                ErrorDomain.QEMU,
+                f"cannot create backup store '{path}': {exc.strerror}",
+            ) from None
+        try:
+            ident = ownfiles.file_id(os.fstat(fd))
+        finally:
+            os.close(fd)
+        self.created_files.append(path)
+        self.created_ids[path] = ident
+
+    def _disk_of(self, path: str) -> str:
+        for d in self.plan.disks:
+            if d.path == path:
+                return d.disk
+        return "?"
+
+    def _remove_file(self, path: str) -> None:
+        if path in self.created_files:
+            ownfiles.unlink_if_same(path, self.created_ids.pop(path, None))
+            self.created_files.remove(path)
+
+    async def _run_qmp_job(self, step: Step) -> None:
+        jid = step.args["job-id"]
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[jid] = fut
+        started = True  # from the moment it is sent: a cancel may come before the answer
+        try:
+            await self.mon.execute(step.command, step.args)
+            outcome = await asyncio.wait_for(fut, CREATE_TIMEOUT)
+            error = None
+            if outcome == "aborted":  # only then is there an error to fetch
+                jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
+                error = jobs.get(jid, {}).get("error") or "the job was aborted"
+            await self.mon.execute("job-dismiss", {"id": jid})
+            started = False
+        except TimeoutError:
+            raise VirError(
+                ErrorNumber.OPERATION_TIMEOUT,
+                ErrorDomain.QEMU,
+                f"{step.command} job '{jid}' did not finish within {CREATE_TIMEOUT:g}s",
+            ) from None
+        finally:
+            self._waiters.pop(jid, None)
+            if started:  # failed or cancelled half way: the job must not stay in QEMU
+                await finish_even_if_cancelled(self._drop_job(jid))
+        if error:
+            raise VirError(
+                ErrorNumber.OPERATION_FAILED, ErrorDomain.QEMU, f"failed to format image: '{error}'"
+            )
+
+    async def _drop_job(self, jid: str) -> None:
+        """Cancel and dismiss a job of ours, whatever state it is in."""
+        if not self.mon.connected:
+            return
+        with contextlib.suppress(VirError):
+            await self.mon.execute("job-cancel", {"id": jid})
+        for _ in range(50):
+            try:
+                await self.mon.execute("job-dismiss", {"id": jid})
+                return
+            except VirError as exc:
+                if "not found" in exc.message or "No job" in exc.message:
+                    return
+            await asyncio.sleep(0.1)
+
+    async def _rollback(self, undo: list[Step]) -> None:
+        for step in reversed(undo):
+            try:
+                await self._run(step)
+            except Exception as exc:  # keep undoing the rest
+                log.warning("rollback step %s failed: %s", step.describe(), exc)
+
+    async def _transaction(self) -> None:
+        """The one transaction. If QEMU did not answer in time, ask what happened:
+        rolling back a transaction that did run would orphan running jobs."""
+        try:
+            await self.mon.transaction(self.plan.transaction)
+        except VirError as exc:
+            if exc.code != ErrorNumber.OPERATION_TIMEOUT:
+                raise
+            jobs = {j["id"] for j in await self.mon.execute("query-jobs", timeout=300)}
+            if not set(self.disks) <= jobs:
+                raise
+            log.warning("the transaction answered late but ran; going on")

@@ -21,9 +21,18 @@ class StepRunner:
     """The part of ``BackupJob`` that runs steps (a mixin: state lives in BackupJob)."""
 
     async def _run_lane(self, steps: list[Step], undo: list[Step]) -> None:
-        """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
+        """Run steps in order, keeping in ``undo`` what reverses the ones done so far.
+
+        A step cancelled half way (Ctrl-C, a timeout around begin) may have reached
+        QEMU already: its undo is kept too (undoing what never happened only fails,
+        and a rollback carries on past that).
+        """
         for step in steps:
-            await self._run(step)
+            try:
+                await self._run(step)
+            except asyncio.CancelledError:
+                undo.extend(step.undo)
+                raise
             undo.extend(step.undo)
 
     async def _run(self, step: Step) -> None:

@@ -59,9 +59,7 @@ async def node_names(mon: Monitor) -> set[str]:
 async def _nodes(mon: Monitor) -> dict[str, set[str]]:
     """Node names, each with the names of its persistent bitmaps."""
     return {
-        n["node-name"]: {
-            b.get("name") for b in n.get("dirty-bitmaps") or [] if b.get("persistent")
-        }
+        n["node-name"]: {b.get("name") for b in n.get("dirty-bitmaps") or [] if b.get("persistent")}
         for n in await mon.execute("query-named-block-nodes", {"flat": True})
     }
 

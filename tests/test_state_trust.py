@@ -165,7 +165,7 @@ async def test_every_level_is_made_0700_whatever_the_umask(vm_factory, tmp_path)
 
 
 async def test_a_target_replaced_by_another_file_is_not_deleted(vm_factory, shared, tmp_path):
-    """Targets in a directory nobody can write: after begin, nobody renames root's
+    """Targets in a directory anyone may rename in: after begin, nobody renames root's
     previous backup over the new target's name; the abort that deletes our partial
     target must not delete that file."""
     vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
@@ -439,4 +439,36 @@ async def test_a_fleecing_image_replaced_by_another_file_is_not_deleted(
         stats = await wait_completed(drv, dom)
         assert stats["type"] == JobType.COMPLETED, stats
     assert fleece.read_text() == "precious\n", "root's file, renamed over the image, was deleted"
+    assert await leftovers(vm.mon, before) == NOTHING_LEFT
+
+
+async def test_a_push_whose_target_was_replaced_fails(vm_factory, shared, tmp_path):
+    """nobody renames a file of theirs over the target while the push runs: the push
+    must not report success for a path that no longer holds the file QEMU wrote."""
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)], paused=False)
+    before = await node_names(vm.mon)
+    backups = shared / "backups"
+    os.mkdir(backups)
+    os.chmod(backups, 0o777)
+    target = backups / "vda.bak"
+    async with Driver(state_dir=tmp_path / "state") as drv:
+        dom = await drv.attach("vm1", vm.qmp)
+        await drv.domainBackupBegin(
+            dom,
+            f"<domainbackup><disks><disk name='vda'><target file='{target}'/></disk></disks>"
+            "</domainbackup>",
+            tuning={"speed": 1 * MiB},
+        )
+        res = await otheruser.run(
+            "import os, sys\n"
+            "open(sys.argv[1] + '.x', 'w').write('not a backup')\n"
+            "os.replace(sys.argv[1] + '.x', sys.argv[1]); print('replaced')",
+            str(target),
+        )
+        assert res.rc == 0, res.err
+        await unthrottle(vm.mon)
+        stats = await wait_completed(drv, dom)
+    assert stats["type"] == JobType.FAILED, stats
+    assert "was replaced" in stats["errmsg"] and str(target) in stats["errmsg"]
+    assert target.read_text() == "not a backup"  # theirs: neither kept as ours nor deleted
     assert await leftovers(vm.mon, before) == NOTHING_LEFT

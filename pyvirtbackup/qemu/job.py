@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -330,6 +331,8 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         if self._terminating:
             return
         self._terminating = True
+        if self.mode == "push" and self.final_type() == JobType.COMPLETED:
+            self._check_targets()
         final = self.final_type()
         # libvirt's rule (qemuBackupJobTerminate): a push keeps the targets we made
         # only if the whole backup completed; a half backup is no backup
@@ -363,6 +366,27 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             if asyncio.iscoroutine(res):
                 await res
         await self._carry_out_shutdown()
+
+    def _check_targets(self) -> None:
+        """A completed push's targets must still be the files QEMU wrote: a path that
+        now names another file (replaced, renamed over, a link) holds no backup of
+        ours, and saying "completed" would hand the user someone else's file."""
+        for d in self.disks.values():
+            path = d.plan.path
+            ident = self.created_ids.get(path)
+            if path not in self.created_files or ident is None:
+                continue  # not ours to vouch for: a reused target, a block device
+            if ownfiles.is_same(path, ident):
+                continue
+            d.state = FAILED
+            d.error = (
+                f"the target '{path}' of disk '{d.plan.disk}' was replaced while the backup "
+                "ran: that path no longer names the file the backup wrote, so it holds no "
+                f"backup of ours; someone who can write '{os.path.dirname(path) or '.'}' "
+                "changed it"
+            )
+            log.error("%s", d.error)
+            self.first_error = self.first_error or d.error
 
     async def _restore_shutdown_action(self) -> None:
         previous = self.plan.shutdown_restore

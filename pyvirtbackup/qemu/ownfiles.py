@@ -25,6 +25,15 @@ def file_id(st: os.stat_result) -> FileId:
     return (st.st_dev, st.st_ino)
 
 
+def is_same(path: str, ident: FileId) -> bool:
+    """Does ``path`` (not followed if a link) still name the regular file ``ident``?"""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and file_id(st) == tuple(ident)
+
+
 def unlink_if_same(path: str, ident: FileId | None) -> bool:
     """Unlink ``path`` if it is still the regular file ``ident``; True if it was."""
     if ident is None:

@@ -36,8 +36,9 @@ from .enums import (
     JobType,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
-from .qemu import checkpoint_ops, listen, nbd
+from .qemu import checkpoint_ops, listen, nbd, ownfiles
 from .qemu.actions import process_shutdown_action
+from .qemu.features import REMOVE_FD_AT_ONCE
 from .qemu.fleecing import FleecingSettings
 from .qemu.job import PREPARING, STARTED, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
@@ -453,6 +454,7 @@ class BackupCalls(CheckpointCalls):
                 )
             )
         nodes = dom.nodes  # read by refresh_disks at the start of this begin
+        pass_fds, why = await self._image_fds(dom)
         actions: list[dict[str, Any]] = []
         if chk is not None:
             checkpoint_ops.check_free(targets or [], nodes)
@@ -469,7 +471,10 @@ class BackupCalls(CheckpointCalls):
             known_checkpoints=set(dom.checkpoints.defs),
             features=dom.features,
             fleecing_settings=fleecing,
+            pass_fds=pass_fds,
         )
+        if not pass_fds:
+            self._check_image_dirs(plan, why)
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
             dp = by_name[d.name]
@@ -484,6 +489,52 @@ class BackupCalls(CheckpointCalls):
                     dp.direct_reason,
                 )
         return plan
+
+    async def _image_fds(self, dom: Domain) -> tuple[bool, str]:
+        """Can the images we create reach QEMU as our descriptors? If not, why.
+
+        Descriptors travel only over a unix monitor; and a QEMU before 9.1 closes a
+        removed one only while the guest runs, so for a guest that does not run it
+        would stay open in QEMU after the backup.
+        """
+        if not dom.monitor.can_pass_fds:
+            return False, (
+                "over this TCP monitor QEMU cannot be handed our descriptor instead (over "
+                "a unix monitor it can)"
+            )
+        if dom.features.has(REMOVE_FD_AT_ONCE):
+            return True, ""
+        status = (await dom.monitor.execute("query-status")).get("status")
+        if status == "running":
+            return True, ""
+        return False, (
+            f"this QEMU ({dom.features.version_string}) would keep a handed descriptor "
+            f"open while the guest is not running ({status}), so the image goes by name "
+            "(QEMU 9.1 and later, or a running guest, take our descriptor instead)"
+        )
+
+    def _check_image_dirs(self, plan: Plan, why: str) -> None:
+        """Images QEMU opens by name: refuse a directory another user can change, where
+        the name could mean another file by the time QEMU opens it."""
+        for dp in plan.disks:
+            images = []
+            if dp.create_file:
+                images.append(("target" if plan.mode == "push" else "scratch", dp.path))
+            if dp.fleecing and dp.fleece_path and dp.fleece_path != dp.path:
+                images.append(("fleecing image", dp.fleece_path))
+            for what, path in images:
+                found = ownfiles.swappable_dir(path)
+                if found is None:
+                    continue
+                directory, problem = found
+                raise VirError(
+                    ErrorNumber.OPERATION_DENIED,
+                    ErrorDomain.QEMU,
+                    f"directory '{directory}' of the {what} '{path}' of disk '{dp.disk}' "
+                    f"{problem}: another user could make that name point at another file "
+                    f"before QEMU opens it, and {why}; use a directory only root can "
+                    "change, or make it sticky (chmod +t)",
+                )
 
     def _fleece_path(self, dom: Domain, disk: str, suffix: str) -> str:
         """Where a push disk's fleecing image goes when the XML does not say.

@@ -168,7 +168,7 @@ async def test_a_target_replaced_by_another_file_is_not_deleted(vm_factory, shar
     """Targets in a directory anyone may rename in: after begin, nobody renames root's
     previous backup over the new target's name; the abort that deletes our partial
     target must not delete that file."""
-    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)], paused=False)  # fd passing on 7.2 too
     before = await node_names(vm.mon)
     backups = shared / "backups"
     os.mkdir(backups)
@@ -410,7 +410,7 @@ async def test_a_fleecing_image_replaced_by_another_file_is_not_deleted(
     """The fleecing image in a directory others can rename in: nobody renames root's
     file over its name while the backup runs; the end of the backup, which deletes
     the fleecing image, must leave that file alone."""
-    vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
+    vm = await vm_factory([("vda", "qcow2", 16 * MiB)], paused=False)
     before = await node_names(vm.mon)
     images = shared / "fleece"
     os.mkdir(images)

@@ -92,6 +92,7 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self.done = asyncio.Event()
         self.created_files: list[str] = []
         self.created_ids: dict[str, ownfiles.FileId] = {}  # only these are ever unlinked
+        self.fdsets: dict[str, int] = {}  # image path -> QEMU fd set of our descriptor
         self.exports_added: list[str] = []
         self.server_started = False
         self.objects_added: list[str] = []
@@ -215,6 +216,7 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             for out in lanes:
                 undo += out
             await finish_even_if_cancelled(self._rollback(undo))
+            await finish_even_if_cancelled(self._drop_fdsets())
             if self.listener is not None:
                 self.listener.cleanup()
             self._unlisten()
@@ -345,6 +347,8 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self._stop_watching()
         if self.listener is not None:
             self.listener.cleanup()
+        with contextlib.suppress(VirError):
+            await self._drop_fdsets()
         self.finished_elapsed = self.elapsed_ms()
         current = sum(d.current for d in self.disks.values())
         total = sum(d.total for d in self.disks.values())

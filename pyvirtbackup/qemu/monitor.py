@@ -238,6 +238,24 @@ class Monitor:
                 ) from None
             await self.execute("getfd", {"fdname": name})
 
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        """Give QEMU its own copy of ``fd`` in a new fd set (``add-fd``); returns the
+        set's id, which QEMU opens as ``/dev/fdset/N``. ``opaque`` tags it as ours in
+        ``query-fdsets``."""
+        async with self._fd_lock:
+            if not self.connected:
+                raise _not_running("no connection to its monitor for 'add-fd'")
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise VirError(
+                    ErrorNumber.OPERATION_FAILED,
+                    ErrorDomain.QEMU,
+                    f"cannot pass descriptor '{opaque}' to QEMU: {exc}",
+                ) from None
+            reply = await self.execute("add-fd", {"opaque": opaque})
+        return int(reply["fdset-id"])
+
     def peer_pid(self) -> int | None:
         """QEMU's process id, from the unix socket's peer credentials (None over TCP)."""
         if not self.can_pass_fds or not self.connected:

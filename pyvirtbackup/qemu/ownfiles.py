@@ -62,3 +62,33 @@ def unlink_if_same(path: str, ident: FileId | None) -> bool:
         return True
     finally:
         os.close(dirfd)
+
+
+def swappable_dir(path: str) -> tuple[str, str] | None:
+    """The first directory above ``path`` in which another user could make the name
+    mean another file (swap it for a link, rename over it, move a directory away),
+    with why; None when only we or root can, as for the state directory.
+
+    Only what reaches QEMU by name needs this: a descriptor we pass is the file we
+    created whatever happens to the name.
+    """
+    me = os.geteuid()
+    seen: set[str] = set()
+    parent = os.path.dirname(os.path.abspath(path))
+    for start in (parent, os.path.realpath(parent)):
+        level = start
+        while level not in seen:
+            seen.add(level)
+            try:
+                st = os.stat(level)
+            except OSError:
+                st = None  # not there (yet): creating the file will say so
+            if st is not None:
+                mode = stat.S_IMODE(st.st_mode)
+                if st.st_uid not in (0, me):
+                    return level, f"is owned by uid {st.st_uid}"
+                if mode & 0o022 and not mode & stat.S_ISVTX:
+                    who = "others" if mode & 0o002 else "its group"
+                    return level, f"is writable by {who} (mode {mode:04o}) and not sticky"
+            level = os.path.dirname(level)
+    return None

@@ -189,6 +189,7 @@ class JobRecord:
                         await self.mon.execute("job-dismiss", {"id": jid})
             problems += await teardown.take_down(self.mon, dp, job_lost=True)
         await self._stop_exports(only_if_ours=True)
+        await self._drop_fdsets()
         for path in list(self.created_files):
             self._remove_file(path)
         if self.listener is not None:

@@ -44,7 +44,7 @@ from benchlib import (
 )
 from guestbench import bench_guest_latency, bench_pause
 
-from pyvirtbackup import CheckpointXMLFlags, Tuning
+from pyvirtbackup import CheckpointXMLFlags, Driver, Tuning
 from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.monitor import Monitor
 from pyvirtbackup.qemu.process import DiskSpec
@@ -319,6 +319,79 @@ async def bench_checkpoints(work: Path, repeat: int) -> list[Row]:
     ]
 
 
+def redefine_xml(name: str, uuid: str, filler: str, size: int) -> str:
+    """A checkpoint to REDEFINE whose <domain> is padded to ``size`` bytes with
+    sibling elements ``filler``: the shape that made validation quadratic."""
+    head = (
+        f"<domaincheckpoint><name>{name}</name><creationTime>1700000000</creationTime>"
+        f"<domain type='kvm'><name>bench</name><uuid>{uuid}</uuid><devices>"
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/images/vda.qcow2'/><target dev='vda'/></disk></devices>"
+    )
+    tail = "</domain></domaincheckpoint>"
+    count = max(0, (size - len(head) - len(tail)) // len(filler))
+    return head + filler * count + tail
+
+
+async def bench_bounds(work: Path, repeat: int) -> list[Row]:
+    """Bounded inputs: a 1 MB REDEFINE (refused by its element count, or accepted),
+    and attach and a first listing with 1000 stored checkpoints."""
+    from pyvirtbackup import CheckpointCreateFlags, VirError
+
+    src = str(work / "bounds.qcow2")
+    await varied_image(src, 64 * MiB, 4 * MiB)
+    state = work / "state-bounds"
+    refused: list[float] = []
+    accepted: list[float] = []
+    attach: list[float] = []
+    listing: list[float] = []
+    s = await Session.open([DiskSpec("vda", src)], state)
+    try:
+        uuid = s.dom.UUIDString()
+        many = redefine_xml("big", uuid, "<x/>", 1_000_000)  # 250,000 elements
+        fewer = redefine_xml("big", uuid, f"<x a='{'v' * 60}'/>", 1_000_000)  # ~14,000
+        redefine = CheckpointCreateFlags.REDEFINE
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            try:
+                await s.driver.domainCheckpointCreateXML(s.dom, many, redefine)
+            except VirError:
+                pass
+            refused.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await s.driver.domainCheckpointCreateXML(s.dom, fewer, redefine)
+            accepted.append(time.perf_counter() - t0)
+        chk = await s.driver.domainCheckpointLookupByName(s.dom, "big")
+        await s.driver.domainCheckpointDelete(chk, 2)  # METADATA_ONLY
+        parent = ""
+        for n in range(1000):
+            await s.driver.domainCheckpointCreateXML(
+                s.dom,
+                f"<domaincheckpoint><name>k{n:04d}</name>{parent}"
+                f"<creationTime>{1700000000 + n}</creationTime>"
+                "<disks><disk name='vda' checkpoint='no'/></disks></domaincheckpoint>",
+                redefine,
+            )
+            parent = f"<parent><name>k{n:04d}</name></parent>"
+        await s.driver.close()  # QEMU serves one client per monitor socket
+        for _ in range(repeat):
+            async with Driver(state_dir=state) as fresh:
+                t0 = time.perf_counter()
+                dom = await fresh.attach("bench", s.proc.backup_qmp_path)
+                attach.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                assert len(await fresh.domainListAllCheckpoints(dom)) == 1000
+                listing.append(time.perf_counter() - t0)
+    finally:
+        await s.close()
+    return [
+        Row("REDEFINE of a 1 MB checkpoint, 250,000 elements (refused)", refused, goal="≤ 100 ms"),
+        Row("REDEFINE of a 1 MB checkpoint, 14,000 elements (accepted)", accepted, goal="≤ 100 ms"),
+        Row("attach with 1000 stored checkpoints", attach, goal="≤ 200 ms"),
+        Row("first listing of 1000 stored checkpoints", listing),
+    ]
+
+
 async def bench_begin_latency(work: Path, repeat: int) -> list[Row]:
     """domainBackupBegin call → return, for 1, 8 and 16 disks, and its QMP round trips."""
     rows = []
@@ -445,6 +518,7 @@ BENCHES: dict[str, Callable[[Path, int], Awaitable[list[Row]]]] = {
     "sparse": bench_sparse,
     "pull": bench_pull,
     "checkpoints": bench_checkpoints,
+    "bounds": bench_bounds,
     "latency": bench_begin_latency,
     "cost": bench_driver_cost,
 }

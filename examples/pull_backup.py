@@ -377,7 +377,10 @@ async def main() -> int:
         async with QemuProcess([disk]) as vm, Monitor("demo-guest") as mon:
             await mon.connect(vm.qmp_path)
             print(f"QEMU         pid {vm.pid}, vda (qcow2) {args.size_mib} MiB, half written")
-            driver_args = {"tls_x509_cert_dir": server_tls} if server_tls else {}
+            driver_args: dict[str, object] = {"tls_x509_cert_dir": server_tls} if server_tls else {}
+            if args.transport == "tcp" and not server_tls:
+                # plain TCP lets every local user read the disk: only when asked for
+                driver_args["nbd_allow_plain_tcp"] = True
             async with Driver(state_dir=workdir / "state", **driver_args) as driver:
                 dom = await driver.attach("demo", vm.backup_qmp_path)
 

@@ -22,6 +22,7 @@ from .driverbase import (
     PreparedBackup,
     check_backing,
     check_flags,
+    check_plain_tcp,
 )
 from .enums import (
     AbortJobFlags,
@@ -35,8 +36,9 @@ from .enums import (
     JobType,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
-from .qemu import checkpoint_ops, listen, nbd
+from .qemu import checkpoint_ops, listen, nbd, ownfiles
 from .qemu.actions import process_shutdown_action
+from .qemu.features import REMOVE_FD_AT_ONCE
 from .qemu.fleecing import FleecingSettings
 from .qemu.job import PREPARING, STARTED, BackupJob, Callbacks, JobResult, MonitorLost
 from .qemu.listen import Listener
@@ -79,6 +81,7 @@ class BackupCalls(CheckpointCalls):
         direct sequence, where a full or slow target can fail or stall the guest).
         """
         self._check_begin_args(dom, flags)
+        await self._ready(dom)
         if dom.job is not None or dom.begin_lock.locked():
             raise VirError(
                 ErrorNumber.OPERATION_INVALID,
@@ -126,6 +129,7 @@ class BackupCalls(CheckpointCalls):
         too, so a dry run that succeeds means begin would get that far.
         """
         self._check_begin_args(dom, flags)
+        await self._ready(dom)
         async with dom.checkpoint_lock:
             prep = await self._prepare_backup(
                 dom, backup_xml, checkpoint_xml, flags, tuning, fleecing
@@ -172,7 +176,7 @@ class BackupCalls(CheckpointCalls):
         bdef.align_disks(self._domain_disks(dom), suffix=suffix)
         targets = self._prepare_checkpoint(dom, chk) if chk is not None else []
         self._check_incremental_sources(dom, bdef)
-        tls = self._pull_prepare(bdef) if bdef.is_pull else None
+        tls = self._pull_prepare(bdef, dom) if bdef.is_pull else None
         settings = FleecingSettings(
             enabled=self.fleecing if fleecing is None else fleecing, cbw_timeout=self.cbw_timeout
         )
@@ -198,7 +202,9 @@ class BackupCalls(CheckpointCalls):
                 self._nbd_listen(dom, prep.bdef, prep.plan, prep.tls) if prep.bdef.is_pull else None
             )
             try:
-                return await self._start_job(dom, prep, listener)
+                job = await self._start_job(dom, prep, listener)
+                self._warn_plain_tcp(dom, prep.bdef)
+                return job
             except VirError as exc:
                 retry = (
                     pick_port
@@ -242,7 +248,7 @@ class BackupCalls(CheckpointCalls):
             raise
         return job
 
-    def _pull_prepare(self, bdef: BackupDef) -> nbd.TlsCreds | None:
+    def _pull_prepare(self, bdef: BackupDef, dom: Domain) -> nbd.TlsCreds | None:
         """Pull checks that need no QEMU: where to listen, and the TLS files.
 
         libvirt refuses tcp without a port; we pick a free one instead (and
@@ -260,10 +266,18 @@ class BackupCalls(CheckpointCalls):
                 "use transport='tcp', 'unix' or 'fd'",
             )
         if not server.tls:
+            if server.transport == "tcp":
+                check_plain_tcp(server, self.nbd_allow_plain_tcp)
+                bdef.plain_tcp = True
             return None
-        nbd.check_tls_dir(self.tls_x509_cert_dir)
+        nbd.check_tls_dir(self.tls_x509_cert_dir, qemu=dom.monitor.peer_ids)
         bdef.tls_alias = nbd.TLS_ALIAS
-        return nbd.TlsCreds(self.tls_x509_cert_dir, self.tls_x509_verify, nbd.TLS_ALIAS)
+        return nbd.TlsCreds(
+            self.tls_x509_cert_dir,
+            self.tls_x509_verify,
+            nbd.TLS_ALIAS,
+            allowed_dns=self.tls_allowed_dn_list,
+        )
 
     def _nbd_listen(
         self,
@@ -277,14 +291,15 @@ class BackupCalls(CheckpointCalls):
         """Bind the NBD server's socket and add the server and export steps.
 
         Over a unix monitor we bind the socket and hand it to QEMU (race-free
-        port, owner-only unix socket); over a TCP monitor QEMU binds it and we
-        narrow a unix socket's mode before any export exists.
+        port, owner-only unix socket); over a TCP monitor QEMU binds it, a unix
+        socket inside a private directory, linked into place with its mode before
+        any export exists.
         """
         server = bdef.server
         assert server is not None
         nbd.check_export_names(plan)
         pass_fd = dom.monitor.can_pass_fds
-        chmod: tuple[str, int] | None = None
+        publish: tuple[str, int] | None = None
         if server.transport == "fd":  # a listening socket the caller associated
             assert server.fdgroup is not None
             listener = self._fd_listener(dom, server.fdgroup)  # type: ignore[attr-defined]
@@ -296,7 +311,11 @@ class BackupCalls(CheckpointCalls):
             if pass_fd:
                 address = nbd.fd_address(nbd.LISTEN_FD_NAME)
             elif server.transport == "unix":
-                address = nbd.unix_address(server.socket or "")
+                private = os.path.join(
+                    os.path.dirname(server.socket or ""), listen.PRIVATE_PREFIX + "XXXXXXXX"
+                )
+                address = nbd.unix_address(os.path.join(private, listen.PRIVATE_NAME))
+                publish = (server.socket or "", self.nbd_socket_mode)
             else:
                 address = nbd.inet_address(server.name or "", server.port or 0)
             listener = Listener(
@@ -314,9 +333,12 @@ class BackupCalls(CheckpointCalls):
         elif server.transport == "unix":
             assert server.socket is not None
             listen.check_unix_path(server.socket)
-            address = nbd.unix_address(server.socket)
-            chmod = (server.socket, self.nbd_socket_mode)
-            listener = Listener("unix", path=server.socket)
+            # QEMU binds in a private directory; the socket moves into place with its mode
+            listener = Listener(
+                "unix", path=server.socket, private_dir=listen.make_private_dir(server.socket)
+            )
+            address = nbd.unix_address(listener.private_path)
+            publish = (server.socket, self.nbd_socket_mode)
         else:
             assert server.name is not None
             server.port = server.port or listen.pick_tcp_port(server.name)
@@ -326,9 +348,18 @@ class BackupCalls(CheckpointCalls):
         if dom.features.has(nbd.HANDSHAKE_FEATURE):
             handshake = self.nbd_handshake_max_seconds
         nbd.add_pull_steps(
-            plan, address, tls=tls, pass_fd=pass_fd, chmod=chmod, handshake_max_seconds=handshake
+            plan,
+            address,
+            tls=tls,
+            pass_fd=pass_fd,
+            publish=publish,
+            handshake_max_seconds=handshake,
         )
         return listener
+
+    def _warn_plain_tcp(self, dom: Domain, bdef: BackupDef) -> None:
+        if bdef.plain_tcp and bdef.server is not None:
+            log.warning("domain %s: %s", dom.name, bdef.exposure())
 
     async def _record_begin_checkpoint(
         self, dom: Domain, job: BackupJob, chk: CheckpointDef, targets: list[Any]
@@ -430,6 +461,7 @@ class BackupCalls(CheckpointCalls):
                 )
             )
         nodes = dom.nodes  # read by refresh_disks at the start of this begin
+        pass_fds, why = await self._image_fds(dom)
         actions: list[dict[str, Any]] = []
         if chk is not None:
             checkpoint_ops.check_free(targets or [], nodes)
@@ -446,7 +478,10 @@ class BackupCalls(CheckpointCalls):
             known_checkpoints=set(dom.checkpoints.defs),
             features=dom.features,
             fleecing_settings=fleecing,
+            pass_fds=pass_fds,
         )
+        if not pass_fds:
+            self._check_image_dirs(plan, why)
         by_name = {dp.disk: dp for dp in plan.disks}
         for d in bdef.selected_disks():
             dp = by_name[d.name]
@@ -461,6 +496,52 @@ class BackupCalls(CheckpointCalls):
                     dp.direct_reason,
                 )
         return plan
+
+    async def _image_fds(self, dom: Domain) -> tuple[bool, str]:
+        """Can the images we create reach QEMU as our descriptors? If not, why.
+
+        Descriptors travel only over a unix monitor; and a QEMU before 9.1 closes a
+        removed one only while the guest runs, so for a guest that does not run it
+        would stay open in QEMU after the backup.
+        """
+        if not dom.monitor.can_pass_fds:
+            return False, (
+                "over this TCP monitor QEMU cannot be handed our descriptor instead (over "
+                "a unix monitor it can)"
+            )
+        if dom.features.has(REMOVE_FD_AT_ONCE):
+            return True, ""
+        status = (await dom.monitor.execute("query-status")).get("status")
+        if status == "running":
+            return True, ""
+        return False, (
+            f"this QEMU ({dom.features.version_string}) would keep a handed descriptor "
+            f"open while the guest is not running ({status}), so the image goes by name "
+            "(QEMU 9.1 and later, or a running guest, take our descriptor instead)"
+        )
+
+    def _check_image_dirs(self, plan: Plan, why: str) -> None:
+        """Images QEMU opens by name: refuse a directory another user can change, where
+        the name could mean another file by the time QEMU opens it."""
+        for dp in plan.disks:
+            images = []
+            if dp.create_file:
+                images.append(("target" if plan.mode == "push" else "scratch", dp.path))
+            if dp.fleecing and dp.fleece_path and dp.fleece_path != dp.path:
+                images.append(("fleecing image", dp.fleece_path))
+            for what, path in images:
+                found = ownfiles.swappable_dir(path)
+                if found is None:
+                    continue
+                directory, problem = found
+                raise VirError(
+                    ErrorNumber.OPERATION_DENIED,
+                    ErrorDomain.QEMU,
+                    f"directory '{directory}' of the {what} '{path}' of disk '{dp.disk}' "
+                    f"{problem}: another user could make that name point at another file "
+                    f"before QEMU opens it, and {why}; use a directory only root can "
+                    "change, or make it sticky (chmod +t)",
+                )
 
     def _fleece_path(self, dom: Domain, disk: str, suffix: str) -> str:
         """Where a push disk's fleecing image goes when the XML does not say.
@@ -529,14 +610,16 @@ class BackupCalls(CheckpointCalls):
         """Take over a backup that an earlier process started (libvirt keeps it in its
         status XML across a libvirtd restart; so do we, in the state directory)."""
         dstate = self.state.domain(dom.name)
-        record = dstate.read_job()
-        if record is None:
-            return
-        xml, resources = record
         try:
+            record = dstate.read_job()
+            if record is None:
+                return
+            xml, resources = record
             bdef = BackupDef.from_xml(xml, internal=True)
             job = BackupJob.restore(dom.monitor, resources)
         except (VirError, KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, VirError) and exc.code == ErrorNumber.OPERATION_DENIED:
+                raise  # not damaged but untrusted: nothing of it is touched
             log.error(
                 "the recorded backup of %s is unreadable (%s); it is set aside", dom.name, exc
             )
@@ -583,7 +666,10 @@ class BackupCalls(CheckpointCalls):
     def _adopt_begin_checkpoint(self, dom: Domain, xml: str) -> list[str]:
         """The begin that made this job died after its transaction and before saving
         its checkpoint: the bitmaps exist, so the checkpoint does too."""
-        chk = CheckpointDef.from_xml(xml, CheckpointCreateFlags.REDEFINE)
+        try:
+            chk = CheckpointDef.from_xml(xml, CheckpointCreateFlags.REDEFINE)
+        except VirError as exc:
+            return [f"the interrupted begin's checkpoint is unreadable, not saved: {exc}"]
         if chk.name in dom.checkpoints:
             return []
         try:
@@ -630,14 +716,19 @@ class BackupCalls(CheckpointCalls):
         the next incremental is not based on an instant nothing was saved at."""
         try:
             async with dom.checkpoint_lock:
-                if name in dom.checkpoints and dom.monitor.connected:
-                    await self._delete_bitmaps(dom, [name])
+                if name in dom.checkpoints:
+                    left = ""
+                    if dom.monitor.connected:
+                        await self._delete_bitmaps(dom, [name])
+                    else:  # QEMU died: the same outcome, minus what only QEMU can do
+                        left = self._bitmaps_left_behind(dom, name)
                     dom.checkpoints.reparent_children(name)
                     dom.checkpoints.remove(name, update_current=True)  # back to its parent
                     log.warning(
-                        "domain %s: checkpoint '%s' removed, its backup did not complete",
+                        "domain %s: checkpoint '%s' removed, its backup did not complete%s",
                         dom.name,
                         name,
+                        left,
                     )
         except VirError as exc:
             log.error(
@@ -649,10 +740,26 @@ class BackupCalls(CheckpointCalls):
         finally:
             self._job_gone(dom, job, stats)
 
+    def _bitmaps_left_behind(self, dom: Domain, name: str) -> str:
+        """What may stay of a dropped checkpoint when QEMU is gone: QEMU writes a new
+        persistent bitmap into the image only when it closes it, so usually nothing;
+        an image it had written it to keeps it, marked in use."""
+        paths = {d.name: d.path for d in dom.disks}
+        images = [
+            paths.get(cd.name) or cd.name
+            for cd in dom.checkpoints.get(name).disks
+            if cd.checkpoint == BITMAP
+        ]
+        return (
+            f"; QEMU is gone, and its bitmaps with it, unless it had written '{name}' into "
+            + ", ".join(images)
+            + f" already (then 'qemu-img bitmap --remove IMAGE {name}' removes it)"
+        )
+
     async def domainBackupGetXMLDesc(self, dom: Domain, flags: int = 0) -> str:
         """The running backup's definition with every default filled in."""
         check_flags(flags, 0, "domainBackupGetXMLDesc")
-        self._check_domain(dom)
+        await self._ready(dom)
         if dom.job is None or dom.job_def is None:
             raise VirError(
                 ErrorNumber.NO_DOMAIN_BACKUP, ErrorDomain.DOMAIN, "no domain backup job present"
@@ -664,7 +771,7 @@ class BackupCalls(CheckpointCalls):
         check_flags(
             flags, JobStatsFlags.COMPLETED | JobStatsFlags.KEEP_COMPLETED, "domainGetJobStats"
         )
-        self._check_domain(dom)
+        await self._ready(dom)
         if flags & JobStatsFlags.KEEP_COMPLETED and not flags & JobStatsFlags.COMPLETED:
             raise VirError(
                 ErrorNumber.INVALID_ARG,
@@ -689,7 +796,7 @@ class BackupCalls(CheckpointCalls):
     async def domainAbortJob(self, dom: Domain, flags: int = 0) -> int:
         """Cancel the running backup; returns once everything of it is cleaned up."""
         check_flags(flags, AbortJobFlags.POSTCOPY, "domainAbortJob")
-        self._check_domain(dom)
+        await self._ready(dom)
         job = dom.job
         if job is None or job.done.is_set():
             raise VirError(

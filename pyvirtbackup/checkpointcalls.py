@@ -53,7 +53,7 @@ class CheckpointCalls(DriverBase):
             CheckpointCreateFlags.REDEFINE | CheckpointCreateFlags.REDEFINE_VALIDATE,
             "domainCheckpointCreateXML",
         )
-        self._check_domain(dom)
+        await self._ready(dom)
         redefine = bool(flags & CheckpointCreateFlags.REDEFINE)
         if not redefine:
             self._check_running(dom, "create checkpoint")
@@ -232,6 +232,7 @@ class CheckpointCalls(DriverBase):
             "domainCheckpointDelete",
         )
         dom, _ = self._lookup(chk)
+        await self._ready(dom)
         metadata_only = bool(flags & CheckpointDeleteFlags.METADATA_ONLY)
         if not metadata_only:
             self._check_running(dom, "delete checkpoint")

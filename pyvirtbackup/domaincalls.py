@@ -184,7 +184,7 @@ class DomainCalls(DriverBase):
     async def domainGetBlockJobInfo(self, dom: Domain, disk: str, flags: int = 0) -> dict[str, int]:
         """The backup's block job on ``disk`` (name or source path); {} when there is none."""
         check_flags(flags, BLOCK_JOB_INFO_BANDWIDTH_BYTES, "domainGetBlockJobInfo")
-        self._check_domain(dom)
+        await self._ready(dom)  # a recorded backup is taken over before it is reported
         if not dom.monitor.connected:
             raise not_running(dom)
         found = next((d for d in dom.disks if disk in (d.name, d.path)), None)

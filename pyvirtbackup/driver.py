@@ -9,21 +9,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .backupcalls import BackupCalls
 from .checkpoints import CheckpointTree
 from .domaincalls import DomainCalls
-from .driverbase import DEFAULT_TLS_DIR, Domain, address_record, check_flags
+from .driverbase import (
+    DEFAULT_TLS_DIR,
+    Domain,
+    address_from_record,
+    address_record,
+    check_flags,
+    check_identity,
+    warn_tcp_monitor,
+)
 from .enums import (
     ConnectListAllDomainsFlags,
 )
 from .errors import ErrorDomain, ErrorNumber, VirError
 from .qemu.features import probe as probe_features
+from .qemu.job import BackupJob
 from .qemu.monitor import Address, Monitor
-from .state import check_component
+from .state import DomainState, check_component
 
 __all__ = ["DEFAULT_TLS_DIR", "Domain", "Driver"]
 
@@ -43,6 +51,11 @@ class Driver(BackupCalls, DomainCalls):
     backup_tls_x509_cert_dir) for ``<server tls='yes'>``; ``tls_x509_verify``
     makes clients show a certificate signed by that CA. ``nbd_socket_mode`` is the
     mode of a ``transport='unix'`` socket (owner-only by default).
+    ``nbd_allow_plain_tcp`` allows a TCP server without TLS, which every local
+    user can read (refused by default). ``tls_allowed_dn_list`` admits only
+    client certificates whose Distinguished Name matches one of its glob
+    patterns (libvirt's setting of that name; QEMU's tls-authz).
+
     ``nbd_handshake_max_seconds``: a client that has not finished its NBD (and
     TLS) handshake by then is dropped, where QEMU can do that (10.0+; see
     ``Domain.features``).
@@ -71,45 +84,69 @@ class Driver(BackupCalls, DomainCalls):
         """Connect to a running QEMU and discover its disks.
 
         ``disks`` maps disk names to top format node names, for orchestrators whose
-        devices have no ids pyvirtbackup could use; it replaces discovery.
-        ``agent`` is the unix socket of the guest agent's channel, for fs freeze/thaw.
+        devices have no ids pyvirtbackup could use; it replaces discovery. A backup
+        recorded for the domain is taken over. ``agent`` is the unix socket of the
+        guest agent's channel, for fs freeze/thaw.
         """
+        return await self._attach(name, qmp, disks, agent=agent, take_over=True)
+
+    async def _attach(
+        self,
+        name: str,
+        qmp: Address,
+        disks: Mapping[str, str] | None,
+        *,
+        take_over: bool,
+        agent: str | None = None,
+    ) -> Domain:
+        """Attach; without ``take_over`` nothing is written and a recorded backup is
+        left as it is until the first call that needs it (``_ready``)."""
         check_component(name, "domain")
         if name in self.domains:
             dom = self.domains[name]
             if dom.attached and dom.monitor.connected:
+                if take_over:
+                    await self._ready(dom)
                 return dom
             await self.detach(dom)
+        if not isinstance(qmp, str):
+            warn_tcp_monitor(name, qmp)
+        dstate = self.state.domain(name)
         mon = Monitor(f"pyvirtbackup-{name}")
-        await mon.connect(qmp, timeout=self.connect_timeout)
         try:
+            await mon.connect(qmp, timeout=self.connect_timeout)
             features = await probe_features(mon)
             found, nodes = await self._discover(mon, disks)
-            dstate = self.state.domain(name)
             record = dstate.read_record() or {}
-            dom_uuid = record.get("uuid") or await self._qemu_uuid(mon)
-            record.update(
-                {
-                    "name": name,
-                    "uuid": dom_uuid,
-                    "qmp": address_record(qmp),
-                    "disks": dict(disks) if disks else None,
-                    "agent": agent,
-                }
-            )
-            dstate.write_record(record)
+            qemu_uuid = await self._qemu_uuid(mon)
+            dom_uuid, from_qemu = check_identity(name, qmp, record, qemu_uuid)
+            if take_over:
+                record.update(
+                    {
+                        "name": name,
+                        "uuid": dom_uuid,
+                        "uuid_from_qemu": from_qemu,
+                        "qmp": address_record(qmp),
+                        "disks": dict(disks) if disks else None,
+                        "agent": agent,
+                    }
+                )
+                dstate.write_record(record)
+            dom = Domain(name, dom_uuid, qmp, mon, found, nodes, dict(disks) if disks else None)
+            dom.agent = agent
+            dom.features = features
+            dom.completed = dstate.read_completed(dom.recovery_problems, set_aside=take_over)
+            dom.checkpoints = CheckpointTree.load(dstate)
         except BaseException:
             await mon.close()
             raise
-        dom = Domain(name, dom_uuid, qmp, mon, found, nodes, dict(disks) if disks else None)
-        dom.agent = agent
-        dom.features = features
         log.info("domain %s: QEMU %s", name, features.version_string)
         for f in features.features.values():
             log.debug("domain %s: %s %s: %s", name, f.name, f.present, f.reason)
-        dom.completed = dstate.read_completed()
-        dom.checkpoints = CheckpointTree.load(dstate)
         self.domains[name] = dom
+        if not take_over:
+            dom.takeover_pending = dstate.has_job()
+            return dom
         try:
             await self._recover_job(dom)
         except BaseException:
@@ -117,12 +154,13 @@ class Driver(BackupCalls, DomainCalls):
             raise
         return dom
 
-    async def _qemu_uuid(self, mon: Monitor) -> str:
+    async def _qemu_uuid(self, mon: Monitor) -> str | None:
+        """QEMU's -uuid, or None when it was started without one (all zeroes)."""
         with contextlib.suppress(VirError):
             value = (await mon.execute("query-uuid")).get("UUID", "")
             if value and value.strip("0-"):
-                return value
-        return str(uuidlib.uuid4())
+                return str(value)
+        return None
 
     async def detach(self, dom: Domain) -> None:
         """Stop watching a domain. A running backup goes on in QEMU (re-attach to take it over)."""
@@ -164,8 +202,12 @@ class Driver(BackupCalls, DomainCalls):
         return out
 
     async def _attach_recorded(self, name: str) -> Domain:
-        # one attach at a time per domain: QEMU serves a QMP socket to one client
-        # at a time, so a second connect would wait for the first to let go
+        """Attach for a listing: nothing is written, no recorded backup is acted on.
+
+        Listing reads records that decide what gets deleted; it must never be the
+        step that acts on them. One attach at a time per domain: QEMU serves a QMP
+        socket to one client at a time, so a second connect would wait for the first.
+        """
         lock = self.__dict__.setdefault("_attach_locks", {}).setdefault(name, asyncio.Lock())
         async with lock:
             dom = self.domains.get(name)
@@ -174,19 +216,57 @@ class Driver(BackupCalls, DomainCalls):
             return await self._attach_recorded_locked(name)
 
     async def _attach_recorded_locked(self, name: str) -> Domain:
-        record = self.state.domain(name).read_record() or {}
-        qmp = record.get("qmp")
-        address: Address = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
+        dstate = self.state.domain(name)
+        record: dict[str, Any] = {}
+        address: Address = ""
         try:
-            return await self.attach(name, address, record.get("disks"), record.get("agent"))
+            record = dstate.read_record() or {}
+            address = address_from_record(record)
         except VirError as exc:
-            log.info("domain %s is not reachable: %s", name, exc)
+            log.warning("domain %s: %s", name, exc.message)
+        else:
+            try:
+                return await self._attach(
+                    name, address, record.get("disks"), agent=record.get("agent"), take_over=False
+                )
+            except VirError as exc:
+                log.info("domain %s is not reachable: %s", name, exc)
         dom = Domain(name, record.get("uuid", ""), address, Monitor(f"pyvirtbackup-{name}"))
-        dom.completed = self.state.domain(name).read_completed()
+        dom.completed = self._peek_completed(dstate)
         # metadata-only checkpoint calls (list, dumpxml, REDEFINE) need no QEMU
-        dom.checkpoints = CheckpointTree.load(self.state.domain(name))
+        dom.checkpoints = CheckpointTree.load(dstate)
         self.domains[name] = dom
         return dom
+
+    @staticmethod
+    def _peek_completed(dstate: DomainState) -> dict[str, Any] | None:
+        try:
+            return dstate.read_completed(set_aside=False)
+        except VirError:
+            return None
+
+    async def peek_job(self, dom: Domain) -> dict[str, Any] | None:
+        """The running backup's mode and progress, without taking it over (listings).
+
+        A backup recorded by another process is read from its record and QEMU's
+        ``query-jobs``; nothing is written and nothing in QEMU is touched.
+        """
+        self._check_domain(dom)
+        if dom.job is not None and not dom.job.done.is_set():
+            stats = await dom.job.stats()
+            return {"mode": dom.job.mode, **stats, "type": int(stats["type"])}
+        if not dom.takeover_pending or not dom.monitor.connected:
+            return None
+        try:
+            record = self.state.domain(dom.name).read_job()
+            if record is None:
+                return None
+            job = BackupJob.restore(dom.monitor, record[1])
+        except (VirError, ValueError) as exc:
+            log.warning("domain %s: the recorded backup is unreadable: %s", dom.name, exc)
+            return None
+        stats = await job.stats()
+        return {"mode": job.mode, **stats, "type": int(stats["type"])}
 
     def _domain_matches(self, dom: Domain, flags: ConnectListAllDomainsFlags) -> bool:
         F = ConnectListAllDomainsFlags

@@ -8,12 +8,13 @@ import asyncio
 import enum
 import logging
 import os
-from collections.abc import Mapping
+import uuid as uuidlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import CheckpointTree
-from .conf import BackupDef, CheckpointDef, DomainDisk
+from .conf import BackupDef, BackupServer, CheckpointDef, DomainDisk
 from .enums import (
     CheckpointCreateFlags,
     CheckpointDeleteFlags,
@@ -104,6 +105,77 @@ def address_record(qmp: Address) -> Any:
     return qmp if isinstance(qmp, str) else [qmp[0], int(qmp[1])]
 
 
+def check_plain_tcp(server: BackupServer, allowed: bool) -> None:
+    """NBD over TCP without TLS has no authentication: on 127.0.0.1 every local user
+    can read the disks, elsewhere every host that reaches the address. Only on
+    request (``Driver(nbd_allow_plain_tcp=True)``, the CLI's --allow-plain-tcp)."""
+    if allowed:
+        return
+    raise VirError(
+        ErrorNumber.OPERATION_DENIED,
+        ErrorDomain.QEMU,
+        f"a pull backup over TCP without TLS ({server.name}) lets every local user (and "
+        "every host that can reach it) read the disks; use <server transport='unix' "
+        "socket='...'/> in a directory only root can enter, or tls='yes', or allow plain "
+        "TCP explicitly (Driver(nbd_allow_plain_tcp=True), --allow-plain-tcp)",
+    )
+
+
+def address_from_record(record: Mapping[str, Any]) -> Address:
+    """The monitor address of a checked domain record (state.check_domain_record)."""
+    qmp = record["qmp"]
+    return qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
+
+
+def _where(qmp: Address) -> str:
+    return qmp if isinstance(qmp, str) else f"{qmp[0]}:{qmp[1]}"
+
+
+def warn_tcp_monitor(name: str, qmp: Address) -> None:
+    """QMP has neither encryption nor authentication: over TCP, whoever reaches the
+    port controls QEMU (its disks, its memory, its command line)."""
+    log.warning(
+        "domain %s: QMP over TCP (%s) is cleartext and unauthenticated: anyone who can "
+        "reach that port controls the QEMU, and descriptors cannot be passed, so sockets "
+        "and files are opened by path. Give pyvirtbackup a unix socket instead "
+        "(-qmp unix:PATH,server=on,wait=off in a directory only root can enter)",
+        name,
+        _where(qmp),
+    )
+
+
+def _uuid_key(value: str) -> str:
+    return value.replace("-", "").lower()
+
+
+def check_identity(
+    name: str, qmp: Address, record: Mapping[str, Any], qemu_uuid: str | None
+) -> tuple[str, bool]:
+    """The domain's uuid, and whether QEMU told it; refuses another VM on the socket.
+
+    libvirt knows a domain by its uuid. The first attach records QEMU's (-uuid), or
+    a made-up one when QEMU has none; later attaches must find the same QEMU uuid
+    (or, for a made-up one, still none): another VM listening on the recorded
+    socket must not get this domain's checkpoints and backups.
+    """
+    recorded = record.get("uuid")
+    if not recorded:
+        return (qemu_uuid, True) if qemu_uuid else (str(uuidlib.uuid4()), False)
+    from_qemu = bool(record.get("uuid_from_qemu", qemu_uuid is not None))
+    if qemu_uuid is not None and _uuid_key(qemu_uuid) == _uuid_key(recorded):
+        return recorded, True
+    if qemu_uuid is None and not from_qemu:
+        return recorded, False
+    found = f"uuid {qemu_uuid}" if qemu_uuid else "no uuid"
+    raise VirError(
+        ErrorNumber.OPERATION_FAILED,
+        ErrorDomain.DOMAIN,
+        f"domain '{name}' is already defined with uuid {recorded}, but the QEMU at "
+        f"{_where(qmp)} has {found}: another VM on the recorded socket? Refusing it. "
+        f"If the VM was recreated on purpose, detach '{name}' and attach it again",
+    )
+
+
 @dataclass
 class PreparedBackup:
     """A begin that has been checked and planned but has changed nothing yet."""
@@ -146,6 +218,8 @@ class Domain:
     finishing: asyncio.Task[None] | None = field(default=None, repr=False)
     # what taking over an earlier process's backup found not matching QEMU
     recovery_problems: list[str] = field(default_factory=list, repr=False)
+    # attached for a listing: a recorded backup not taken over yet (see _ready)
+    takeover_pending: bool = field(default=False, repr=False)
     # what this QEMU supports, read at attach; nothing known until then
     features: QemuFeatures = field(default_factory=QemuFeatures.unknown, repr=False)
     agent: str | None = field(default=None, repr=False)  # the guest agent's socket
@@ -174,6 +248,8 @@ class DriverBase:
         tuning: Tuning | Mapping[str, Any] | None = None,
         connect_timeout: float = 10.0,
         nbd_socket_mode: int = 0o600,
+        nbd_allow_plain_tcp: bool = False,
+        tls_allowed_dn_list: Sequence[str] | None = None,
         nbd_handshake_max_seconds: int = 10,
         keep_failed_checkpoints: bool = False,
         fleecing: bool = True,
@@ -188,6 +264,17 @@ class DriverBase:
         self.tls_x509_cert_dir = tls_x509_cert_dir or DEFAULT_TLS_DIR
         self.tls_x509_verify = tls_x509_verify
         self.nbd_socket_mode = nbd_socket_mode
+        self.nbd_allow_plain_tcp = nbd_allow_plain_tcp
+        if tls_allowed_dn_list is not None and not tls_x509_verify:
+            raise VirError(
+                ErrorNumber.INVALID_ARG,
+                ErrorDomain.NONE,
+                "tls_allowed_dn_list needs tls_x509_verify: without a verified client "
+                "certificate there is no name to allow",
+            )
+        self.tls_allowed_dn_list = (
+            list(tls_allowed_dn_list) if tls_allowed_dn_list is not None else None
+        )
         self.nbd_handshake_max_seconds = nbd_handshake_max_seconds
         self.fleecing = fleecing
         self.fleecing_dir = fleecing_dir
@@ -220,6 +307,21 @@ class DriverBase:
                 f"domain '{getattr(dom, 'name', dom)}' is not attached to this driver",
             )
         return dom
+
+    async def _ready(self, dom: Domain) -> Domain:
+        """``_check_domain``, and take over a recorded backup that a listing left alone."""
+        self._check_domain(dom)
+        if dom.takeover_pending:
+            dom.takeover_pending = False
+            try:
+                await self._recover_job(dom)
+            except BaseException:
+                dom.takeover_pending = True
+                raise
+        return dom
+
+    async def _recover_job(self, dom: Domain) -> None:  # pragma: no cover - BackupCalls'
+        raise NotImplementedError
 
     def _check_running(self, dom: Domain, what: str) -> None:
         if not dom.monitor.connected:

@@ -21,15 +21,18 @@ class Pki:
     """Everything a TLS test needs.
 
     ``server``: what Driver(tls_x509_cert_dir=...) points at. ``client``: a
-    client with a certificate from the same CA. ``no_cert``: a client that trusts
-    the server but has no certificate. ``rogue``: a client whose certificate
-    another CA signed. ``ca``: the CA's certificate and key, to sign more.
+    client with a certificate from the same CA (CN=client). ``no_cert``: a client
+    that trusts the server but has no certificate. ``rogue``: a client whose
+    certificate another CA signed. ``intruder``: a client with a certificate from
+    the same CA under another name (CN=intruder), for allow-lists. ``ca``: the
+    CA's certificate and key, to sign more.
     """
 
     server: Path
     client: Path
     no_cert: Path
     rogue: Path
+    intruder: Path
     ca: Path
 
 
@@ -50,13 +53,30 @@ def make_pki(root: Path) -> Pki:
     shutil.copy(root / "main" / "ca" / "ca-cert.pem", no_cert / "ca-cert.pem")
     # the rogue client trusts our server's CA, but its own certificate is another CA's
     shutil.copy(root / "main" / "ca" / "ca-cert.pem", root / "other" / "client" / "ca-cert.pem")
+    ca = root / "main" / "ca"
     return Pki(
         server=root / "main" / "server",
         client=root / "main" / "client",
         no_cert=no_cert,
         rogue=root / "other" / "client",
-        ca=root / "main" / "ca",
+        intruder=_intruder(root / "intruder", ca),
+        ca=ca,
     )
+
+
+def _intruder(out: Path, ca: Path) -> Path:
+    """A client our CA signed, under a name no allow-list of the tests admits."""
+    out.mkdir()
+    key = _key(out / "client-key.pem")
+    (out / "client.tmpl").write_text(INTRUDER)
+    _certtool("--generate-certificate", "--load-privkey", str(key),
+              "--load-ca-certificate", str(ca / "ca-cert.pem"),
+              "--load-ca-privkey", str(ca / "ca-key.pem"),
+              "--template", str(out / "client.tmpl"), "--outfile", str(out / "client-cert.pem"),
+              cwd=out)  # fmt: skip
+    (out / "client.tmpl").unlink()
+    shutil.copy(ca / "ca-cert.pem", out / "ca-cert.pem")
+    return out
 
 
 # --------------------------------------------------------------- one flaw each
@@ -72,6 +92,12 @@ GOOD_CA = """cn = "flawed test CA"
 ca
 cert_signing_key
 crl_signing_key
+expiration_days = 2
+"""
+INTRUDER = """cn = "intruder"
+tls_www_client
+signing_key
+encryption_key
 expiration_days = 2
 """
 PAST = 'activation_date = "2019-01-01 00:00:00"\nexpiration_date = "2020-01-01 00:00:00"\n'

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +147,15 @@ async def driver(tmp_path: Path) -> AsyncIterator[Driver]:
     drv = Driver(state_dir=tmp_path / "state")
     yield drv
     await drv.close()
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory another local user (nobody) can reach, for the multi-user tests."""
+    from .otheruser import shared_dir
+
+    with shared_dir() as path:
+        yield path
 
 
 def pytest_report_header() -> list[str]:

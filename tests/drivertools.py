@@ -58,7 +58,8 @@ async def unthrottle(mon: Monitor) -> None:
 
 
 async def leftovers(mon: Monitor, original_nodes: set[str]) -> dict[str, Any]:
-    """What pyvirtbackup might have left in QEMU: jobs, extra nodes, exports, temp bitmaps."""
+    """What pyvirtbackup might have left in QEMU: jobs, extra nodes, exports, temp bitmaps,
+    and fd sets of images it handed over (tagged ``pyvirtbackup:<path>``)."""
     jobs = await mon.execute("query-jobs")
     nodes = {n["node-name"] for n in await mon.execute("query-named-block-nodes", {"flat": True})}
     exports = await mon.execute("query-block-exports")
@@ -73,10 +74,21 @@ async def leftovers(mon: Monitor, original_nodes: set[str]) -> dict[str, Any]:
         "extra_nodes": sorted(nodes - original_nodes),
         "exports": exports,
         "temp_bitmaps": bitmaps,
+        "fdsets": await our_fdsets(mon),
     }
 
 
-NOTHING_LEFT = {"jobs": [], "extra_nodes": [], "exports": [], "temp_bitmaps": []}
+NOTHING_LEFT = {"jobs": [], "extra_nodes": [], "exports": [], "temp_bitmaps": [], "fdsets": []}
+
+
+async def our_fdsets(mon: Monitor) -> list[str]:
+    """The images whose descriptors QEMU still holds in an fd set of ours."""
+    return sorted(
+        fd["opaque"].split(":", 1)[1]
+        for fdset in await mon.execute("query-fdsets")
+        for fd in fdset.get("fds", [])
+        if str(fd.get("opaque", "")).startswith("pyvirtbackup:")
+    )
 
 
 async def node_names(mon: Monitor) -> set[str]:

@@ -109,12 +109,17 @@ async def test_dry_run_prints_the_plan_and_touches_nothing(vm_factory, cli, tmp_
     )
     steps = [json.loads(line) for line in res.out.splitlines()]
     commands = [s.get("execute") or s.get("local") for s in steps]
+    # QEMU 9.1+ takes our descriptor of each image whatever the guest does; 7.2 only
+    # while the guest runs (this one is paused), and then QEMU opens it by name
+    version = (await vm.mon.execute("query-version"))["qemu"]
+    by_fd = (version["major"], version["minor"]) >= (9, 1)
     image = [
-        "create",  # the file, exclusively
+        "create",  # the file, exclusively (and, by fd, handed to QEMU with add-fd)
         "blockdev-add",  # its storage node, not flushing while it is formatted
         "blockdev-create",
         "blockdev-reopen",  # flushing again
         "blockdev-add",  # its format node
+        *(["remove-fd"] if by_fd else []),  # the nodes hold their own descriptors
     ]
     assert commands == [
         *image,  # the target
@@ -127,8 +132,15 @@ async def test_dry_run_prints_the_plan_and_touches_nothing(vm_factory, cli, tmp_
         "blockdev-add",  # the snapshot-access view
         "transaction",  # the job, from the view into the target
     ]
-    fleece = steps[5]["path"]
+    fleece = steps[len(image)]["path"]
     assert fleece.startswith(vm.disks["vdb"].path + ".fleece.")
+    opened = [s for s in steps if s.get("execute") in ("blockdev-add", "blockdev-reopen")]
+    named = [s for s in opened if s.get("fdset-of")]
+    if by_fd:  # the storage nodes and their reopen name /dev/fdset/N, never the path
+        assert [s["fdset-of"] for s in named] == [f"{tmp_path}/vdb.bak"] * 2 + [fleece] * 2
+        assert f"{tmp_path}/vdb.bak" not in json.dumps([s["arguments"] for s in opened])
+    else:
+        assert named == []
     assert steps[-1]["arguments"]["actions"][0]["data"]["device"] == steps[-2]["arguments"][
         "node-name"
     ]

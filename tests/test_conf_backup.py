@@ -277,3 +277,13 @@ def test_pvb_backing_extension() -> None:
     assert "pvb:backing-format without pvb:backing for disk 'vda'" in info.value.message
     # without the extension nothing changes in libvirt's own output
     assert "xmlns" not in BackupDef.from_xml("<domainbackup/>").to_xml()
+
+
+def test_no_target_is_generated_next_to_a_relative_source() -> None:
+    """QEMU opened the disk by a relative name (relative to QEMU's working directory):
+    '<source>.<suffix>' would name a different file for us."""
+    disks = [DomainDisk(name="vda", path="vda.qcow2", format="qcow2")]
+    backup = BackupDef.from_xml("<domainbackup/>")
+    with pytest.raises(VirError, match="relative") as exc:
+        backup.align_disks(disks, suffix="1")
+    assert exc.value.code == ErrorNumber.CONFIG_UNSUPPORTED

@@ -90,12 +90,16 @@ def test_addresses_use_the_legacy_form_qemu_7_2_wants():
     assert nbd.unix_address("/run/s") == {"type": "unix", "data": {"path": "/run/s"}}
 
 
-def test_fallback_server_narrows_the_unix_socket_right_after_start():
-    steps = nbd.server_steps(nbd.unix_address("/run/s"), chmod=("/run/s", 0o600))
+def test_fallback_server_publishes_the_unix_socket_right_after_start():
+    """QEMU binds in our private directory; the socket moves into place before any export."""
+    steps = nbd.server_steps(
+        nbd.unix_address("/run/.pvb-nbd-x/nbd.sock"), publish=("/run/s", 0o600)
+    )
     assert [(s.kind, s.command) for s in steps] == [
         ("qmp", "nbd-server-start"),
-        ("chmod", "chmod"),
+        ("publish-socket", "publish"),
     ]
+    assert steps[1].args == {"path": "/run/s", "mode": 0o600}
 
 
 def test_export_bitmap_and_name_come_from_the_plan():

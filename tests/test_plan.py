@@ -129,9 +129,7 @@ def test_where_qemu_can_the_job_discards_what_it_copied():
         (attached(), FLEECE_OK, {"direct": True}, "pvb:fleecing='no'"),
     ],
 )
-def test_disks_that_cannot_be_fleeced_keep_the_direct_sequence_and_say_why(
-    src, features, pd, why
-):
+def test_disks_that_cannot_be_fleeced_keep_the_direct_sequence_and_say_why(src, features, pd, why):
     plan = fleece_plan(src, features, **pd)
     (dp,) = plan.disks
     assert not dp.fleecing and why in (dp.direct_reason or "")
@@ -143,9 +141,9 @@ def test_on_the_direct_path_a_qemu_that_can_breaks_the_backup_not_the_write():
     plan = fleece_plan(attached(), FLEECE_OK.with_features("blockdev-backup.on-cbw-error"),
                        direct=True)  # fmt: skip
     assert plan.transaction[0]["data"]["on-cbw-error"] == "break-snapshot"
-    assert "on-cbw-error" not in fleece_plan(attached(), FLEECE_OK, direct=True).transaction[0][
-        "data"
-    ]
+    assert (
+        "on-cbw-error" not in fleece_plan(attached(), FLEECE_OK, direct=True).transaction[0]["data"]
+    )
 
 
 def test_a_fleecing_pull_exports_the_view_and_its_scratch_has_no_backing():
@@ -157,3 +155,65 @@ def test_a_fleecing_pull_exports_the_view_and_its_scratch_has_no_backing():
     assert format_add["backing"] is None and format_add["discard"] == "unmap"
     (step,) = nbd.export_steps(plan)
     assert step.args["node-name"] == dp.access_node
+
+
+# ------------------------------------------------- images handed over as descriptors
+
+
+def fd_plan(target_fmt: str, pass_fds: bool, tuning: Tuning | None = None):
+    return plan_backup(
+        "push",
+        [PlanDisk("vda", "/bk/vda", "file", target_fmt, "full", fleece_path="/fl/vda")],
+        {"vda": attached()},
+        {},
+        first_store_id=3,
+        reuse_external=False,
+        tuning=tuning or Tuning(),
+        features=FLEECE_OK,
+        fleecing_settings=FleecingSettings(),
+        pass_fds=pass_fds,
+    )
+
+
+@pytest.mark.parametrize("target_fmt", ["qcow2", "raw"])
+def test_images_we_create_reach_qemu_only_as_our_descriptors(target_fmt):
+    lane = fd_plan(target_fmt, pass_fds=True).stores[0]
+    for path in ("/bk/vda", "/fl/vda"):
+        create = next(s for s in lane if s.kind == "create-file" and s.args["path"] == path)
+        assert create.args["pass_fd"] is True
+        # every command that opens the file says /dev/fdset/N, never the path
+        opening = [s for s in lane if s.fdset == path]
+        assert {s.command for s in opening} <= {"blockdev-add", "blockdev-reopen"} and opening
+        for step in opening:
+            described = step.describe()
+            assert path not in str(described["arguments"])
+            assert "/dev/fdset/N" in str(described["arguments"])
+        # the fd set goes once the image's format node holds its own copy
+        release = lane.index(
+            next(s for s in lane if s.kind == "release-fd" and s.args["path"] == path)
+        )
+        format_add = max(
+            i for i, s in enumerate(lane) if s.command == "blockdev-add" and i < release
+        )
+        assert lane[format_add].args["file"] == next(s for s in opening).args["node-name"]
+        assert [u.kind for u in create.undo] == ["remove-file", "release-fd"]
+    # nothing else names a file: QEMU never creates one (a raw one is sized on our fd)
+    assert not [s for s in lane if "filename" in str(s.args) and s.fdset is None]
+    if target_fmt == "raw":
+        target = next(s for s in lane if s.kind == "create-file")
+        assert target.args["size"] == 1 << 30
+
+
+def test_images_qemu_opens_by_name_without_descriptors():
+    lane = fd_plan("raw", pass_fds=False).stores[0]
+    assert not [s for s in lane if s.fdset or s.kind == "release-fd"]
+    assert not [s for s in lane if s.command == "blockdev-create" and "filename" in str(s.args)]
+    storage = next(s for s in lane if s.command == "blockdev-add")
+    assert storage.args["filename"] == "/bk/vda" and storage.args["auto-read-only"] is True
+
+
+def test_a_target_opened_with_o_direct_gets_a_descriptor_opened_so():
+    lane = fd_plan("qcow2", pass_fds=True, tuning=Tuning(target_cache_direct=True)).stores[0]
+    creates = {s.args["path"]: s.args for s in lane if s.kind == "create-file"}
+    assert creates["/bk/vda"].get("direct") is True  # QEMU 9.1+ matches O_DIRECT
+    assert "direct" not in creates["/fl/vda"]  # the fleecing image has no cache setting

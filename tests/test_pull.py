@@ -190,7 +190,7 @@ async def test_tcp_without_port_gets_a_free_port_on_that_address_only(
     vm_factory, drivers, tmp_path
 ):
     vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
-    drv = drivers()
+    drv = drivers(nbd_allow_plain_tcp=True)  # plain TCP: refused unless asked for
     dom = await drv.attach("vm1", vm.qmp)
     scratch = str(tmp_path / "vda.scratch")
     before = await node_names(vm)
@@ -215,7 +215,7 @@ async def test_tcp_with_a_port_uses_it_and_a_taken_port_fails_before_qemu(
     vm_factory, drivers, tmp_path
 ):
     vm = await vm_factory([("vda", "qcow2", 16 * MiB)])
-    drv = drivers()
+    drv = drivers(nbd_allow_plain_tcp=True)  # plain TCP: refused unless asked for
     dom = await drv.attach("vm1", vm.qmp)
     scratch = str(tmp_path / "vda.scratch")
     before = await node_names(vm)
@@ -555,7 +555,7 @@ async def test_over_a_tcp_monitor_qemu_binds_and_we_narrow(
         [("vda", "qcow2", 16 * MiB)],
         extra_args=["-qmp", f"tcp:127.0.0.1:{port_number},server=on,wait=off"],
     )
-    drv = drivers()
+    drv = drivers(nbd_allow_plain_tcp=True)  # plain TCP: refused unless asked for
     dom = await drv.attach("vm1", ("127.0.0.1", port_number))
     assert not dom.monitor.can_pass_fds
     sock, scratch = str(tmp_path / "nbd.sock"), str(tmp_path / "vda.scratch")

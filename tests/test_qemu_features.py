@@ -32,6 +32,8 @@ SINCE = {
     "copy-before-write.min-cluster-size": (9, 2),
     "snapshot-access": (7, 0),
     "set-action.shutdown": (6, 0),
+    # our sign that remove-fd closes at once (the same QEMU series brought both)
+    "migrate-set-parameters.direct-io": (9, 1),
 }
 
 

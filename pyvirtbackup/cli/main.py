@@ -13,13 +13,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
+from ..conf import xmlutil
 from ..driver import Domain, Driver
+from ..driverbase import address_from_record
 from ..enums import (
     BackupBeginFlags,
     CheckpointCreateFlags,
@@ -34,6 +36,7 @@ from ..enums import (
 from ..errors import ErrorDomain, ErrorNumber, VirError
 from ..qemu.plan import Tuning
 from . import output
+from .output import say
 from .progress import Progress
 from .serve import add_serve_parser, cmd_serve  # noqa: F401 - cmd_serve is a command
 
@@ -67,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("attach", "record where a domain's QMP socket is")
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--qmp", metavar="SOCKET", help="QMP unix socket")
-    group.add_argument("--qmp-tcp", metavar="HOST:PORT", help="QMP over TCP")
+    group.add_argument(
+        "--qmp-tcp",
+        metavar="HOST:PORT",
+        help="QMP over TCP (cleartext, unauthenticated: anyone who reaches it controls QEMU)",
+    )
     sp.add_argument(
         "--disk",
         action="append",
@@ -90,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backupxml", metavar="FILE")
     sp.add_argument("--checkpointxml", metavar="FILE")
     sp.add_argument("--reuse-external", action="store_true")
+    sp.add_argument(
+        "--allow-plain-tcp",
+        action="store_true",
+        help="allow a pull backup's NBD server on TCP without TLS (every local user can "
+        "read the disks)",
+    )
     sp.add_argument(
         "--wait", action="store_true", help="follow the job with progress until it ends"
     )
@@ -169,14 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_file(path: str | None) -> str | None:
+    """A document named on the command line, never more of it than a document may be
+    (``/dev/zero`` or a huge log given by mistake must not fill memory)."""
     if path is None:
         return None
+    limit = xmlutil.MAX_XML_BYTES
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except OSError as exc:
         raise VirError(
             ErrorNumber.SYSTEM_ERROR, ErrorDomain.NONE, f"cannot read '{path}': {exc.strerror}"
         ) from None
+    if len(data) > limit:
+        raise VirError(
+            ErrorNumber.XML_ERROR,
+            ErrorDomain.NONE,
+            f"'{path}' is larger than {limit} bytes: not a backup or checkpoint document",
+        )
+    return data.decode("utf-8", errors="replace")
 
 
 async def open_domain(driver: Driver, name: str) -> Domain:
@@ -187,11 +211,11 @@ async def open_domain(driver: Driver, name: str) -> Domain:
             ErrorDomain.DOMAIN,
             f"Domain not found: no domain with matching name '{name}'",
         )
-    qmp = record["qmp"]
-    address: Any = qmp if isinstance(qmp, str) else (qmp[0], int(qmp[1]))
-    dom = await driver.attach(name, address, record.get("disks"), record.get("agent"))
+    dom = await driver.attach(
+        name, address_from_record(record), record.get("disks"), record.get("agent")
+    )
     for problem in dom.recovery_problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        say(f"warning: {problem}", file=sys.stderr)
     return dom
 
 
@@ -255,6 +279,11 @@ async def cmd_attach(driver: Driver, args: argparse.Namespace) -> int:
         if not sep or not port.isdigit():
             raise UsageError("--qmp-tcp wants HOST:PORT")
         address = (host, int(port))
+        say(
+            f"warning: QMP over TCP ({args.qmp_tcp}) is cleartext and unauthenticated: "
+            "anyone who can reach it controls the QEMU; prefer --qmp with a unix socket",
+            file=sys.stderr,
+        )
     mapping = {}
     for item in args.disk:
         name, sep, node = item.partition("=")
@@ -264,18 +293,18 @@ async def cmd_attach(driver: Driver, args: argparse.Namespace) -> int:
     agent = os.path.abspath(args.agent) if args.agent else None
     dom = await driver.attach(args.domain, address, mapping or None, agent)
     for problem in dom.recovery_problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        say(f"warning: {problem}", file=sys.stderr)
     disks = ", ".join(
         f"{d.name} ({d.format}, {d.path})" if not d.empty else f"{d.name} (empty)"
         for d in dom.disks
     )
-    print(f"Domain '{dom.name}' attached: {disks}")
+    say(f"Domain '{dom.name}' attached: {disks}")
     return 0
 
 
 async def cmd_detach(driver: Driver, args: argparse.Namespace) -> int:
     await driver.forget(args.domain)
-    print(f"Domain '{args.domain}' detached")
+    say(f"Domain '{args.domain}' detached")
     return 0
 
 
@@ -289,9 +318,10 @@ async def cmd_list(driver: Driver, args: argparse.Namespace) -> int:
     for dom in await driver.connectListAllDomains(flags):
         state = await driver.domain_state(dom)
         job: dict[str, Any] = {}
-        if dom.job is not None and not dom.job.done.is_set():
-            stats = await driver.domainGetJobStats(dom)
-            job = {"mode": dom.job.mode, "state": "running", **stats}
+        # read only: a listing never takes a recorded backup over (it would act on it)
+        stats = await driver.peek_job(dom)
+        if stats is not None:
+            job = {**stats, "state": "running"}
             if stats.get("disk_total"):
                 job["progress"] = round(100 * stats["disk_processed"] / stats["disk_total"], 1)
         count = len(driver.state.domain(dom.name).checkpoint_names())
@@ -307,7 +337,7 @@ async def cmd_list(driver: Driver, args: argparse.Namespace) -> int:
             return f"{job['mode']} {job['progress']:.1f}%"
         return f"{job['mode']} running"
 
-    print(
+    say(
         output.table(
             ["Name", "State", "Backup job", "Checkpoints"],
             [[r["name"], r["state"], job_text(r["backup"]), str(r["checkpoints"])] for r in rows],
@@ -334,12 +364,12 @@ async def cmd_backup_begin(driver: Driver, args: argparse.Namespace) -> int:
         for step in await driver.backup_dry_run(
             dom, backup_xml, checkpoint_xml, flags, tuning=tuning, fleecing=fleecing
         ):
-            print(json.dumps(step))
+            say(json.dumps(step))
         return 0
     await driver.domainBackupBegin(
         dom, backup_xml, checkpoint_xml, flags, tuning=tuning, fleecing=fleecing
     )
-    print("Backup started")
+    say("Backup started")
     if not args.wait:
         return 0
     return await follow(driver, dom, args.abort_on_interrupt)
@@ -366,9 +396,9 @@ async def follow(driver: Driver, dom: Domain, abort_on_interrupt: bool) -> int:
                 progress.finish()
                 if abort_on_interrupt or await ask("Abort the backup? [y/N] "):
                     await driver.domainAbortJob(dom)
-                    print("Backup aborted")
+                    say("Backup aborted")
                 else:
-                    print(f"Backup goes on; see 'pyvirtbackup domjobinfo {dom.name}'")
+                    say(f"Backup goes on; see 'pyvirtbackup domjobinfo {dom.name}'")
                     return 0
                 break
     finally:
@@ -376,10 +406,10 @@ async def follow(driver: Driver, dom: Domain, abort_on_interrupt: bool) -> int:
     progress.finish()
     keep = JobStatsFlags.COMPLETED | JobStatsFlags.KEEP_COMPLETED
     stats = await driver.domainGetJobStats(dom, keep)
-    print(output.jobinfo_text(stats), end="")
+    say(output.jobinfo_text(stats), end="")
     if stats.get("type") == JobType.COMPLETED:
         return 0
-    print(
+    say(
         f"error: backup {output.JOB_TYPE_NAMES[JobType(stats['type'])].lower()}: "
         f"{stats.get('errmsg', 'no reason given')}",
         file=sys.stderr,
@@ -389,7 +419,7 @@ async def follow(driver: Driver, dom: Domain, abort_on_interrupt: bool) -> int:
 
 async def ask(question: str) -> bool:
     if not sys.stdin.isatty():
-        print("\n(not a terminal: leaving the backup running)", file=sys.stderr)
+        say("\n(not a terminal: leaving the backup running)", file=sys.stderr)
         return False
     answer = await asyncio.get_running_loop().run_in_executor(None, input, "\n" + question)
     return answer.strip().lower() in ("y", "yes")
@@ -401,16 +431,16 @@ async def cmd_qemu_features(driver: Driver, args: argparse.Namespace) -> int:
     if args.json:
         output.dump_json({"qemu": dom.features.version_string, "features": features})
         return 0
-    print(f"QEMU {dom.features.version_string}")
+    say(f"QEMU {dom.features.version_string}")
     for f in features:
-        print(f"{'yes' if f['present'] else 'no ':<4} {f['feature']}")
-        print(f"     {f['choice']}")
+        say(f"{'yes' if f['present'] else 'no ':<4} {f['feature']}")
+        say(f"     {f['choice']}")
     return 0
 
 
 async def cmd_backup_dumpxml(driver: Driver, args: argparse.Namespace) -> int:
     dom = await open_domain(driver, args.domain)
-    print(await driver.domainBackupGetXMLDesc(dom), end="")
+    say(await driver.domainBackupGetXMLDesc(dom), end="")
     return 0
 
 
@@ -427,7 +457,7 @@ async def cmd_domjobinfo(driver: Driver, args: argparse.Namespace) -> int:
     if args.json:
         output.dump_json(stats)
     else:
-        print(output.jobinfo_text(stats), end="")
+        say(output.jobinfo_text(stats), end="")
     return 0
 
 
@@ -443,19 +473,19 @@ async def cmd_checkpoint_create(driver: Driver, args: argparse.Namespace) -> int
     chk = await driver.domainCheckpointCreateXML(dom, xml, checkpoint_flags(args))
     source = f" from '{args.xmlfile}'" if args.xmlfile else ""
     verb = "redefined" if args.redefine else "created"
-    print(f"Domain checkpoint {chk.name} {verb}{source}")
+    say(f"Domain checkpoint {chk.name} {verb}{source}")
     return 0
 
 
 async def cmd_checkpoint_create_as(driver: Driver, args: argparse.Namespace) -> int:
     xml = checkpoint_as_xml(args)
     if args.print_xml:
-        print(xml, end="")
+        say(xml, end="")
         return 0
     dom = await open_domain(driver, args.domain)
     flags = CheckpointCreateFlags.QUIESCE if args.quiesce else 0
     chk = await driver.domainCheckpointCreateXML(dom, xml, flags)
-    print(f"Domain checkpoint {chk.name} created")
+    say(f"Domain checkpoint {chk.name} created")
     return 0
 
 
@@ -512,7 +542,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
         return 0
     if args.name:
         for f in facts:
-            print(f["name"])
+            say(f["name"])
         return 0
     if args.tree:
         names = {f["name"] for f in facts}
@@ -523,7 +553,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
                 children.setdefault(f["parent"], []).append(f["name"])
             else:
                 roots.append(f["name"])
-        print(output.tree(roots, children), end="")
+        say(output.tree(roots, children), end="")
         return 0
     headers = ["Name", "Creation Time"] + (["Parent"] if args.parent else [])
     rows = [
@@ -531,7 +561,7 @@ async def cmd_checkpoint_list(driver: Driver, args: argparse.Namespace) -> int:
         + ([f["parent"] or ""] if args.parent else [])
         for f in facts
     ]
-    print(output.table(headers, rows), end="")
+    say(output.table(headers, rows), end="")
     return 0
 
 
@@ -544,7 +574,7 @@ async def cmd_checkpoint_dumpxml(driver: Driver, args: argparse.Namespace) -> in
         flags |= CheckpointXMLFlags.NO_DOMAIN
     if args.size:
         flags |= CheckpointXMLFlags.SIZE
-    print(await driver.domainCheckpointGetXMLDesc(chk, flags), end="")
+    say(await driver.domainCheckpointGetXMLDesc(chk, flags), end="")
     return 0
 
 
@@ -561,14 +591,14 @@ async def cmd_checkpoint_delete(driver: Driver, args: argparse.Namespace) -> int
         flags |= CheckpointDeleteFlags.METADATA_ONLY
     await driver.domainCheckpointDelete(chk, flags)
     what = "children deleted" if args.children_only else "deleted"
-    print(f"Domain checkpoint {args.checkpoint} {what}")
+    say(f"Domain checkpoint {args.checkpoint} {what}")
     return 0
 
 
 async def cmd_checkpoint_parent(driver: Driver, args: argparse.Namespace) -> int:
     chk = await open_checkpoint(driver, args)
     parent = await driver.domainCheckpointGetParent(chk)
-    print(parent.name)
+    say(parent.name)
     return 0
 
 
@@ -587,11 +617,11 @@ async def cmd_checkpoint_info(driver: Driver, args: argparse.Namespace) -> int:
     if args.json:
         output.dump_json(info)
         return 0
-    print(f"{'Name:':<15} {info['name']}")
-    print(f"{'Domain:':<15} {info['domain']}")
-    print(f"{'Parent:':<15} {info['parent'] or '-'}")
-    print(f"{'Children:':<15} {info['children']}")
-    print(f"{'Descendants:':<15} {info['descendants']}")
+    say(f"{'Name:':<15} {info['name']}")
+    say(f"{'Domain:':<15} {info['domain']}")
+    say(f"{'Parent:':<15} {info['parent'] or '-'}")
+    say(f"{'Children:':<15} {info['children']}")
+    say(f"{'Descendants:':<15} {info['descendants']}")
     return 0
 
 
@@ -600,29 +630,36 @@ COMMANDS = {name: func for name, func in globals().items() if name.startswith("c
 
 async def run(args: argparse.Namespace) -> int:
     func = COMMANDS["cmd_" + args.command.replace("-", "_")]
-    async with Driver(state_dir=args.state_dir, tls_x509_cert_dir=args.tls_x509_cert_dir) as drv:
+    async with Driver(
+        state_dir=args.state_dir,
+        tls_x509_cert_dir=args.tls_x509_cert_dir,
+        nbd_allow_plain_tcp=getattr(args, "allow_plain_tcp", False),
+    ) as drv:
         return await func(drv, args)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # qemu.qmp logs a dropped connection as an error of its own; what it means for
+    # the command (QEMU exited, the backup failed) is said once, by us
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return asyncio.run(run(args))
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"pyvirtbackup: error: {exc}", file=sys.stderr)
+        say(f"pyvirtbackup: error: {exc}", file=sys.stderr)
         return 2
     except VirError as exc:
         code = getattr(exc.code, "name", exc.code)
-        print(f"error: {exc.message}", file=sys.stderr)
-        print(
+        say(f"error: {exc.message}", file=sys.stderr)
+        say(
             f"error: code {int(exc.code)} (VIR_ERR_{code}), domain {int(exc.domain)}",
             file=sys.stderr,
         )
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", file=sys.stderr)
         return 1
 
 

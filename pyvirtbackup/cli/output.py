@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from ..enums import JobOperation, JobType
 
@@ -18,6 +18,32 @@ JOB_TYPE_NAMES = {
     JobType.FAILED: "Failed",
     JobType.CANCELLED: "Cancelled",
 }
+
+
+def safe(text: str) -> str:
+    """``text`` with every control or invisible format character shown as an escape.
+
+    What we print comes partly from elsewhere (names in the state directory, QEMU's
+    paths and error messages, documents quoted in errors): a raw ESC, BEL or CR in
+    it would let that source retitle, clear or rewrite the operator's terminal.
+    Newlines stay: our own messages span lines.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        c
+        if c.isprintable() or c == "\n"
+        else f"\\x{ord(c):02x}"
+        if ord(c) < 256
+        else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
+def say(*values: object, sep: str = " ", end: str = "\n", file: TextIO | None = None) -> None:
+    """``print`` for everything the command shows a person, through :func:`safe`."""
+    out = file if file is not None else sys.stdout
+    out.write(safe(sep.join(str(v) for v in values)) + end)
 
 
 def pretty_bytes(n: int) -> str:

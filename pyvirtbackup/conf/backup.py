@@ -258,6 +258,12 @@ class BackupDisk:
 
     def _parse_store(self, store: etree._Element) -> None:
         self.path = store.get("file" if self.type == "file" else "dev")
+        if self.path is not None and not self.path.startswith("/"):
+            # a relative path means one thing to us and another to QEMU (each its
+            # own working directory), and 'C:\\backup.qcow2' is relative here
+            raise _xml_error(
+                f"backup {store.tag} path '{self.path}' of disk '{self.name}' is not absolute"
+            )
         self.seclabels = store.findall("seclabel")
         for label in self.seclabels:
             if label.get("relabel") == "no" and _seclabel_text(label) is not None:
@@ -323,8 +329,22 @@ class BackupDef:
     disks: list[BackupDisk] = field(default_factory=list)
     tls_alias: str | None = None
     tls_secret_alias: str | None = None
+    # a pull server on TCP without TLS that the driver was told to allow: its
+    # definition says, in a comment beside <server>, who can read the disks
+    plain_tcp: bool = False
 
     # ----------------------------------------------------------------- helpers
+
+    def exposure(self) -> str:
+        """What a plain-TCP pull server exposes, in words."""
+        server = self.server
+        assert server is not None
+        where = f"{server.name}:{server.port}" if server.port else str(server.name)
+        disks = ", ".join(d.name for d in self.selected_disks()) or "the disks"
+        return (
+            f"NBD over plain TCP at {where}, without TLS: every local user, and every host "
+            f"that can reach that address, can read {disks} while this backup runs"
+        )
 
     @property
     def is_pull(self) -> bool:
@@ -382,6 +402,7 @@ class BackupDef:
 
     def _parse_private(self, root: etree._Element) -> None:
         """TLS object aliases from ``<privateData>`` (status XML only)."""
+        self.plain_tcp = root.find("privateData/plainTCP") is not None
         objects = root.find("privateData/objects")
         if objects is None:
             return
@@ -465,13 +486,17 @@ class BackupDef:
         attrs = [("mode", self.mode)]
         if not self.is_pull and any(d.backup and (d.backing or d.fleecing) for d in self.disks):
             attrs.append((f"xmlns:{PVB_PREFIX}", PVB_NS))
-        private = internal and (self.tls_alias is not None or self.tls_secret_alias is not None)
+        private = internal and (
+            self.tls_alias is not None or self.tls_secret_alias is not None or self.plain_tcp
+        )
         if self.incremental is None and self.server is None and not self.disks and not private:
             w.empty("domainbackup", attrs)
             return w.getvalue()
         w.open("domainbackup", attrs)
         w.text("incremental", self.incremental)
         if self.server is not None:
+            if self.plain_tcp and not self.server.tls:
+                w.comment(self.exposure())
             self.server.write(w)
         if self.disks:
             w.open("disks")
@@ -485,12 +510,15 @@ class BackupDef:
 
     def _write_private(self, w: XMLWriter) -> None:
         w.open("privateData")
-        w.open("objects")
-        if self.tls_secret_alias is not None:
-            w.empty("secret", [("type", "tlskey"), ("alias", self.tls_secret_alias)])
-        if self.tls_alias is not None:
-            w.empty("TLSx509", [("alias", self.tls_alias)])
-        w.close("objects")
+        if self.tls_secret_alias is not None or self.tls_alias is not None:
+            w.open("objects")
+            if self.tls_secret_alias is not None:
+                w.empty("secret", [("type", "tlskey"), ("alias", self.tls_secret_alias)])
+            if self.tls_alias is not None:
+                w.empty("TLSx509", [("alias", self.tls_alias)])
+            w.close("objects")
+        if self.plain_tcp:
+            w.empty("plainTCP")
         w.close("privateData")
 
 
@@ -516,6 +544,12 @@ def _assign_store(disk: BackupDisk, domdisk: DomainDisk, suffix: str) -> None:
         return
     if domdisk.type != "file":
         raise _unsupported(f"refusing to generate file name for disk '{disk.name}'")
+    if not (domdisk.path or "").startswith("/"):
+        raise _unsupported(
+            f"refusing to generate file name for disk '{disk.name}': its source path "
+            f"'{domdisk.path}' is relative (to QEMU's working directory); give the disk "
+            "a store with an absolute path"
+        )
     disk.type = "file"
     disk.path = f"{domdisk.path}.{suffix}"
 

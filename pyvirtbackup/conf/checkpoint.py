@@ -23,7 +23,13 @@ from ..enums import CheckpointCreateFlags, CheckpointXMLFlags
 from ..errors import ErrorDomain, ErrorNumber, VirError
 from . import xmlutil
 from .domain import DomainDisk
-from .domainxml import domain_uuid, format_domain_xml, parse_domain_disks, parse_domain_element
+from .domainxml import (
+    check_domain_element,
+    domain_uuid,
+    format_domain_xml,
+    parse_domain_disks,
+    parse_domain_element,
+)
 
 _ROOT = "domaincheckpoint"
 _SCHEMA = "domaincheckpoint.rng"
@@ -122,6 +128,8 @@ class CheckpointDef:
         self.creation_time = int(created)
         self.parent_name = _xpath_string(doc, "parent/name")
         self.domain = doc.find("domain")
+        if self.domain is not None:
+            check_domain_element(self.domain)
 
     def _post_parse(self, now: int) -> None:
         """libvirt's moment post-parse: a new checkpoint is stamped with the clock."""
@@ -297,6 +305,61 @@ class CheckpointDef:
 # ---------------------------------------------------------------------- helpers
 
 
+@dataclass
+class CheckpointHead:
+    """What the tree needs of a stored checkpoint: its name, parent and creation time."""
+
+    name: str | None
+    parent_name: str | None
+    creation_time: int
+
+
+_HEAD_CHUNK = 4096
+_HEAD_END = ("disks", "domain", "active")
+
+
+def read_head(text: str | bytes) -> CheckpointHead:
+    """The head of a checkpoint we stored, read without parsing the rest.
+
+    :meth:`CheckpointDef.to_xml` writes name, description, parent and creationTime
+    before the disks and the (possibly large) domain, so a domain's whole tree of
+    checkpoints is known from the first few hundred bytes of each file. The full
+    definition is parsed, and validated, only when one is used.
+    """
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    parser = etree.XMLPullParser(
+        events=("start", "end"), resolve_entities=False, no_network=True, huge_tree=False
+    )
+    path: list[str] = []
+    found: dict[str, str] = {}
+    try:
+        for offset in range(0, max(len(data), 1), _HEAD_CHUNK):
+            parser.feed(data[offset : offset + _HEAD_CHUNK])
+            for event, elem in parser.read_events():
+                if event == "start":
+                    path.append(str(elem.tag))
+                    if len(path) == 1 and elem.tag != _ROOT:
+                        raise _error(ErrorNumber.XML_ERROR, f"root element is <{elem.tag}>")
+                    if len(path) == 2 and elem.tag in _HEAD_END:
+                        return _head(found)
+                    continue
+                key = "/".join(path[1:])
+                if key in ("name", "parent/name", "creationTime"):
+                    found.setdefault(key, elem.text or "")
+                path.pop()
+        parser.close()
+    except etree.XMLSyntaxError as exc:
+        raise _error(ErrorNumber.XML_DETAIL, f"not well formed: {exc.msg}") from None
+    return _head(found)
+
+
+def _head(found: dict[str, str]) -> CheckpointHead:
+    created = found.get("creationTime", "").strip()
+    if not created.isdigit():
+        raise _error(ErrorNumber.INTERNAL_ERROR, "missing creationTime from existing checkpoint")
+    return CheckpointHead(found.get("name") or None, found.get("parent/name") or None, int(created))
+
+
 def disk_by_name(disks: list[DomainDisk], name: str) -> DomainDisk | None:
     """virDomainDiskByName without ambiguity: a target, or an absolute source path.
 
@@ -316,6 +379,19 @@ def _parse_document(text: str | bytes, internal: bool) -> tuple[etree._Element, 
     """
     doc = xmlutil.parse_document(text, root=_ROOT, schema=None, url=_URL, domain=_DOM)
     active = _take_active(doc) if internal else None
+    validate_schema(doc)
+    return doc, active
+
+
+def validate_schema(doc: etree._Element) -> None:
+    """The schema's judgement on everything but the embedded ``<domain>``, which the
+    code checks (see the schema for why); a failure names its culprit."""
+    domains = doc.findall("domain")
+    if len(domains) > 1:
+        raise _error(ErrorNumber.XML_INVALID_SCHEMA, "element <domain> given more than once")
+    where = doc.index(domains[0]) if domains else -1
+    for elem in domains:
+        doc.remove(elem)
     try:
         xmlutil.validate(doc, _SCHEMA)
     except VirError as err:
@@ -323,7 +399,9 @@ def _parse_document(text: str | bytes, internal: bool) -> tuple[etree._Element, 
         if culprit is None:
             raise
         raise VirError(err.code, err.domain, f"{err.message}\n{culprit}") from None
-    return doc, active
+    finally:
+        if domains:
+            doc.insert(where, domains[0])
 
 
 def _take_active(doc: etree._Element) -> bool | None:

@@ -10,6 +10,8 @@ dumped by libvirt): only ``<uuid>`` and ``<devices>/<disk>`` are looked at.
 
 from __future__ import annotations
 
+import uuid as uuidlib
+
 from lxml import etree
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
@@ -105,6 +107,27 @@ def _source_path(source: etree._Element | None) -> str | None:
 def _has_pool_volume(source: etree._Element | None) -> bool:
     """A ``<source pool volume>`` names a medium without giving its path."""
     return source is not None and bool(source.get("pool"))
+
+
+def check_domain_element(elem: etree._Element) -> None:
+    """What a checkpoint reads of its ``<domain>`` must be right; the rest is kept as
+    given. In place of libvirt's domain schema (see schemas/domaincheckpoint.rng):
+    one ``<uuid>`` at most, a real uuid; every ``<devices>/<disk>`` with a target.
+    """
+    uuids = elem.findall("uuid")
+    if len(uuids) > 1:
+        raise _invalid("more than one <uuid> in the checkpoint's <domain>")
+    value = domain_uuid(elem)
+    if value is not None:
+        try:
+            uuidlib.UUID(value)
+        except ValueError:
+            raise _invalid(f"invalid <uuid> '{value[:40]}' in the checkpoint's <domain>") from None
+    parse_domain_disks(elem)
+
+
+def _invalid(message: str) -> VirError:
+    return VirError(ErrorNumber.XML_ERROR, ErrorDomain.DOMAIN, message)
 
 
 def domain_uuid(elem: etree._Element) -> str | None:

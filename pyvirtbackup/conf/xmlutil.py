@@ -8,6 +8,7 @@ against libvirt's, so we write it the same way instead of using lxml's serialize
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from lxml import etree
 from ..errors import ErrorDomain, ErrorNumber, VirError
 
 _PKG_DIR = Path(__file__).resolve().parent.parent
+
+# Bounds on every document, checked before it is validated: libvirt's RPC caps a
+# message at 4 MiB (VIR_NET_MESSAGE_STRING_MAX), and libxml2's RELAX NG validation
+# is not linear in what it is given. Real backup and checkpoint documents,
+# libvirt domain definitions included, are a few hundred elements.
+MAX_XML_BYTES = 4 * 1024 * 1024
+MAX_XML_ELEMENTS = 20000
+MAX_XML_DEPTH = 64
+# how much of a line an error message quotes
+EXCERPT_CHARS = 60
 
 
 def schema_dir() -> Path:
@@ -58,19 +69,15 @@ def parse_document(
         raise VirError(
             ErrorNumber.INVALID_ARG, domain, f"XML must be str or bytes, not {type(text).__name__}"
         )
+    check_size(data, url, domain)
     parser = etree.XMLParser(
         resolve_entities=False, no_network=True, remove_comments=True, huge_tree=False
     )
     try:
         doc = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        line = exc.lineno or 0
-        msg = (exc.msg or str(exc)).split(f", line {line}")[0]
-        src_lines = data.decode("utf-8", "replace").splitlines()
-        context = src_lines[line - 1] if 0 < line <= len(src_lines) else ""
-        raise VirError(
-            ErrorNumber.XML_DETAIL, domain, f"({url}):{line}: {msg}\n{context}"
-        ) from None
+        raise syntax_error(exc, data, url, domain) from None
+    check_shape(doc, url, domain)
     if doc.tag != root:
         raise VirError(
             ErrorNumber.XML_ERROR,
@@ -80,6 +87,63 @@ def parse_document(
     if schema is not None:
         validate(doc, schema)
     return doc
+
+
+def _too_big(url: str, domain: ErrorDomain, what: str) -> VirError:
+    return VirError(ErrorNumber.XML_ERROR, domain, f"({url}): document refused: {what}")
+
+
+def check_size(data: bytes, url: str, domain: ErrorDomain) -> None:
+    """Bytes and markup, before parsing: a start tag is a '<' that is not a '</'."""
+    if len(data) > MAX_XML_BYTES:
+        raise _too_big(url, domain, f"{len(data)} bytes, more than {MAX_XML_BYTES}")
+    markup = data.count(b"<") - data.count(b"</")
+    if markup > MAX_XML_ELEMENTS:
+        raise _too_big(url, domain, f"more than {MAX_XML_ELEMENTS} elements")
+
+
+def check_shape(doc: etree._Element, url: str, domain: ErrorDomain) -> None:
+    """Elements and nesting of a parsed document (comments are already gone)."""
+    depth = count = 0
+    for event, _elem in etree.iterwalk(doc, events=("start", "end")):
+        if event == "end":
+            depth -= 1
+            continue
+        depth += 1
+        count += 1
+        if depth > MAX_XML_DEPTH:
+            raise _too_big(url, domain, f"elements nested more than {MAX_XML_DEPTH} deep")
+        if count > MAX_XML_ELEMENTS:
+            raise _too_big(url, domain, f"more than {MAX_XML_ELEMENTS} elements")
+
+
+def excerpt(line: str, column: int = 0) -> str:
+    """At most EXCERPT_CHARS of ``line`` around ``column``, control characters escaped.
+
+    Error messages end up in logs and on terminals: a document's line is quoted
+    only in part (it may be a secret file's first line, or 100 MB long).
+    """
+    start = max(0, min(column - EXCERPT_CHARS // 2, len(line) - EXCERPT_CHARS))
+    part = line[start : start + EXCERPT_CHARS]
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in part)
+    return ("..." if start else "") + shown + ("..." if start + EXCERPT_CHARS < len(line) else "")
+
+
+def syntax_error(exc: etree.XMLSyntaxError, data: bytes, url: str, domain: ErrorDomain) -> VirError:
+    """libvirt's "(url):line: message" and, if the text is XML at all, where."""
+    line = exc.lineno or 0
+    msg = (exc.msg or str(exc)).split(f", line {line}")[0]
+    if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        # not XML at all (a wrong file given?): quote none of it
+        return VirError(
+            ErrorNumber.XML_DETAIL, domain, f"({url}):{line}: {msg}: not an XML document"
+        )
+    lines = data.split(b"\n", line)[:line]
+    context = lines[line - 1].decode("utf-8", "replace") if 0 < line <= len(lines) else ""
+    column = (exc.position[1] if exc.position else 0) or 0
+    return VirError(
+        ErrorNumber.XML_DETAIL, domain, f"({url}):{line}: {msg}\n{excerpt(context, column)}"
+    )
 
 
 def validate(doc: etree._Element, schema: str) -> None:
@@ -94,8 +158,13 @@ def validate(doc: etree._Element, schema: str) -> None:
         )
 
 
+_SPECIAL = re.compile("[&<>'\"]")
+
+
 def escape(value: str) -> str:
     """Escape as libvirt's virBufferEscapeString does for attribute and text values."""
+    if not _SPECIAL.search(value):
+        return value
     return (
         value.replace("&", "&amp;")
         .replace("<", "&lt;")
@@ -134,6 +203,10 @@ class XMLWriter:
         self._depth -= 1
         self._lines.append(f"{self._indent()}</{tag}>")
 
+    def comment(self, text: str) -> None:
+        """An XML comment (``--`` cannot appear in one)."""
+        self._lines.append(f"{self._indent()}<!-- {text.replace('--', '- -')} -->")
+
     def empty(self, tag: str, attrs: Attrs = ()) -> None:
         self._lines.append(f"{self._indent()}<{tag}{self._attrs(attrs)}/>")
 
@@ -151,28 +224,39 @@ class XMLWriter:
         ``<qemu:commandline>``) keeps its prefixes; each namespace is declared on
         the first written element that has it in scope, after the attributes, as
         libvirt writes ``<domain type='kvm' xmlns:qemu='...'>``.
+
+        Linear and lean per element: an embedded domain may hold thousands.
         """
-        declared = dict(_declared or {})
-        tag = _qualified(elem, elem.tag)
+        declared = _declared if _declared is not None else {}
+        tag = elem.tag
+        if tag.startswith("{"):
+            tag = _qualified(elem, tag)
         attrs: list[tuple[str, object | None]] = [
-            (_qualified(elem, k), v) for k, v in elem.attrib.items()
+            (_qualified(elem, k) if k.startswith("{") else k, v) for k, v in elem.attrib.items()
         ]
-        for prefix, uri in elem.nsmap.items():
-            if declared.get(prefix) != uri:
-                attrs.append((f"xmlns:{prefix}" if prefix else "xmlns", uri))
-                declared[prefix] = uri
-        children = [c for c in elem if isinstance(c.tag, str)]
-        text = (elem.text or "").strip()
+        nsmap = elem.nsmap
+        if nsmap:
+            declared = dict(declared)
+            for prefix, uri in nsmap.items():
+                if declared.get(prefix) != uri:
+                    attrs.append((f"xmlns:{prefix}" if prefix else "xmlns", uri))
+                    declared[prefix] = uri
+        children = [c for c in elem if isinstance(c.tag, str)] if len(elem) else []
+        indent = "  " * self._depth
+        head = f"{indent}<{tag}{self._attrs(attrs)}" if attrs else f"{indent}<{tag}"
         if not children:
+            text = (elem.text or "").strip()
             if text:
-                self.text(tag, text, attrs)
+                self._lines.append(f"{head}>{escape(text)}</{tag}>")
             else:
-                self.empty(tag, attrs)
+                self._lines.append(f"{head}/>")
             return
-        self.open(tag, attrs)
+        self._lines.append(f"{head}>")
+        self._depth += 1
         for child in children:
             self.element(child, declared)
-        self.close(tag)
+        self._depth -= 1
+        self._lines.append(f"{indent}</{tag}>")
 
     def getvalue(self) -> str:
         return "\n".join(self._lines) + "\n"

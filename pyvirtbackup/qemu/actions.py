@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFAULT_SHUTDOWN_ACTION = "poweroff"
+SHUTDOWN_ACTIONS = ("poweroff", "pause")  # QEMU's ShutdownAction, all there is
 
 
 def shutdown_action(argv: Sequence[str]) -> str:

@@ -1,6 +1,13 @@
 """Running plan steps: QMP commands, QMP jobs (create, wait, dismiss), descriptors,
 and the local files we create; each step done leaves its undo, and a rollback runs
-them in reverse until nothing of a failed begin is left."""
+them in reverse until nothing of a failed begin is left.
+
+A file we create is opened by us, O_EXCL and never through a link, and over a unix
+monitor QEMU gets that descriptor (``add-fd``) and opens ``/dev/fdset/N``, never the
+path: whoever can write the directory could make the path name another file in
+between. Our fd sets carry ``fdset_tag(path)`` so that whatever happens, the ones
+left in QEMU can be found and removed.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +15,57 @@ import asyncio
 import contextlib
 import logging
 import os
+from typing import Any
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
+from . import ownfiles
 from .jobcore import CREATE_TIMEOUT, exists_error, finish_even_if_cancelled
-from .plan import Step
+from .plan import Step, with_fdset
 
 log = logging.getLogger(__name__)
+
+
+def fdset_tag(path: str) -> str:
+    """The opaque string our fd set of an image carries in ``query-fdsets``."""
+    return f"pyvirtbackup:{path}"
+
+
+def _create_error(path: str, exc: OSError) -> VirError:
+    return VirError(
+        ErrorNumber.SYSTEM_ERROR,
+        ErrorDomain.QEMU,
+        f"cannot create backup store '{path}': {exc.strerror}",
+    )
 
 
 class StepRunner:
     """The part of ``BackupJob`` that runs steps (a mixin: state lives in BackupJob)."""
 
     async def _run_lane(self, steps: list[Step], undo: list[Step]) -> None:
-        """Run steps in order, keeping in ``undo`` what reverses the ones done so far."""
+        """Run steps in order, keeping in ``undo`` what reverses the ones done so far.
+
+        A step cancelled half way (Ctrl-C, a timeout around begin) may have reached
+        QEMU already: its undo is kept too (undoing what never happened only fails,
+        and a rollback carries on past that).
+        """
         for step in steps:
-            await self._run(step)
+            try:
+                await self._run(step)
+            except asyncio.CancelledError:
+                undo.extend(step.undo)
+                raise
             undo.extend(step.undo)
 
     async def _run(self, step: Step) -> None:
         if step.kind == "create-file":
-            self._create_file(step.args["path"], step.args.get("disk", ""))
+            await self._create_file(step.args)
+        elif step.kind == "release-fd":
+            await self._release_fd(step.args["path"])
         elif step.kind == "remove-file":
             self._remove_file(step.args["path"])
         elif step.kind == "qmp":
             try:
-                await self.mon.execute(step.command, step.args)
+                await self.mon.execute(step.command, self._args(step))
             except VirError:
                 if step.ignore_errors:
                     return
@@ -47,8 +80,10 @@ class StepRunner:
             # QEMU holds its own copy now; ours would keep accepting connections
             # after QEMU's server stopped
             self.listener.release()
-        elif step.kind == "chmod":
-            self._chmod(step.args["path"], step.args["mode"])
+        elif step.kind == "publish-socket":
+            if self.listener is None:  # pragma: no cover - a driver bug
+                raise AssertionError("a publish-socket step needs the job's listener")
+            self.listener.publish(step.args["mode"])
         else:  # pragma: no cover - a planner bug
             raise AssertionError(f"unknown step kind {step.kind}")
 
@@ -64,40 +99,99 @@ class StepRunner:
         elif step.command == "object-del" and step.args["id"] in self.objects_added:
             self.objects_added.remove(step.args["id"])
 
-    def _create_file(self, path: str, disk: str) -> None:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise exists_error(path, disk or self._disk_of(path)) from None
-        except OSError as exc:
-            raise VirError(
-                ErrorNumber.SYSTEM_ERROR,
-                ErrorDomain.QEMU,
-                f"cannot create backup store '{path}': {exc.strerror}",
-            ) from None
-        os.close(fd)
-        self.created_files.append(path)
+    def _args(self, step: Step) -> dict[str, Any]:
+        """The step's arguments, with the image it names given as our fd set."""
+        if step.fdset is None:
+            return step.args
+        fdset_id = self.fdsets.get(step.fdset)
+        if fdset_id is None:  # pragma: no cover - a planner bug; never fall back to the path
+            raise AssertionError(f"no fd set for '{step.fdset}' at {step.command}")
+        return with_fdset(step.args, step.fdset, f"/dev/fdset/{fdset_id}")
 
-    def _chmod(self, path: str, mode: int) -> None:
+    async def _create_file(self, args: dict[str, Any]) -> None:
+        """Create an image: ours alone (0600, O_EXCL, not through a link), sized if raw,
+        and with ``pass_fd`` handed to QEMU as this very descriptor."""
+        path = args["path"]
+        flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR | os.O_CLOEXEC
+        if args.get("direct"):
+            flags |= os.O_DIRECT
         try:
-            os.chmod(path, mode)
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise exists_error(path, args.get("disk") or self._disk_of(path)) from None
         except OSError as exc:
-            raise VirError(
-                ErrorNumber.SYSTEM_ERROR,
-                ErrorDomain.QEMU,
-                f"cannot set mode {mode:o} on NBD socket '{path}': {exc.strerror}",
-            ) from None
+            raise _create_error(path, exc) from None
+        try:
+            self.created_files.append(path)
+            self.created_ids[path] = ownfiles.file_id(os.fstat(fd))
+            # on record before QEMU sees it: a process killed from here on leaves the
+            # next one what to delete (by its inode) and which fd set to remove
+            await self._changed()
+            if args.get("size"):
+                os.ftruncate(fd, args["size"])
+            if args.get("pass_fd"):
+                self.fdsets[path] = await self.mon.add_fd(fd, fdset_tag(path))
+        except BaseException as exc:
+            # not on record as done, so no undo would run: take it back now
+            self._remove_file(path)
+            if isinstance(exc, OSError):
+                raise _create_error(path, exc) from None
+            raise
+        finally:
+            os.close(fd)
+
+    async def _release_fd(self, path: str) -> None:
+        """Remove the image's fd set: its nodes hold their own copies, and an fd set of
+        ours must not outlive the begin."""
+        fdset_id = self.fdsets.pop(path, None)
+        if fdset_id is None or not self.mon.connected:
+            return
+        try:
+            await self.mon.execute("remove-fd", {"fdset-id": fdset_id})
+        except VirError as exc:
+            log.warning("could not remove fd set %d of '%s': %s", fdset_id, path, exc)
+
+    async def _drop_fdsets(self) -> None:
+        """Remove every fd set of ours QEMU still lists for this job's images (a begin
+        cut short, or a QEMU that closes removed ones only while the guest runs)."""
+        if not self.mon.connected:
+            return
+        tags = {fdset_tag(p): p for dp in self.plan.disks for p in (dp.path, dp.fleece_path) if p}
+        try:
+            found = await self.mon.execute("query-fdsets")
+        except VirError as exc:
+            log.warning("could not list QEMU's fd sets: %s", exc)
+            return
+        for fdset in found:
+            ours = [fd for fd in fdset.get("fds", []) if fd.get("opaque") in tags]
+            if not ours:
+                continue
+            with contextlib.suppress(VirError):
+                await self.mon.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+            for path in {tags[fd["opaque"]] for fd in ours}:
+                self.fdsets.pop(path, None)
+        with contextlib.suppress(VirError):
+            left = [
+                fd["opaque"]
+                for fdset in await self.mon.execute("query-fdsets")
+                for fd in fdset.get("fds", [])
+                if fd.get("opaque") in tags
+            ]
+            if left:
+                log.warning(
+                    "QEMU keeps the removed descriptors of %s open until the guest runs",
+                    ", ".join(tags[t] for t in left),
+                )
 
     def _disk_of(self, path: str) -> str:
         for d in self.plan.disks:
-            if d.path == path:
+            if path in (d.path, d.fleece_path):
                 return d.disk
         return "?"
 
     def _remove_file(self, path: str) -> None:
         if path in self.created_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            ownfiles.unlink_if_same(path, self.created_ids.pop(path, None))
             self.created_files.remove(path)
 
     async def _run_qmp_job(self, step: Step) -> None:
@@ -106,7 +200,7 @@ class StepRunner:
         self._waiters[jid] = fut
         started = True  # from the moment it is sent: a cancel may come before the answer
         try:
-            await self.mon.execute(step.command, step.args)
+            await self.mon.execute(step.command, self._args(step))
             outcome = await asyncio.wait_for(fut, CREATE_TIMEOUT)
             error = None
             if outcome == "aborted":  # only then is there an error to fetch

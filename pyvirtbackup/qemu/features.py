@@ -93,6 +93,8 @@ class Feature:
         return self.with_it if self.present else self.without_it
 
 
+REMOVE_FD_AT_ONCE = "migrate-set-parameters.direct-io"
+
 # name -> (schema lookup, why we use it, what happens without it)
 _FEATURES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "nbd-server-start.handshake-max-seconds": (
@@ -144,6 +146,18 @@ _FEATURES: dict[str, tuple[tuple[str, ...], str, str]] = {
         ("blockdev-add", "driver=snapshot-access"),
         "used for fleecing: the point-in-time view that push copies from and pull exports",
         "not available: only libvirt's direct sequence can run",
+    ),
+    # Not a capability we call: QEMU 9.1 brought migration's direct-io in the same
+    # series that made remove-fd close a passed descriptor at once; before it, a
+    # removed descriptor stays open (and listed) for as long as the guest does not run.
+    REMOVE_FD_AT_ONCE: (
+        ("migrate-set-parameters", "direct-io"),
+        "taken as the sign that remove-fd closes a passed descriptor at once, guest "
+        "running or not (QEMU 9.1 brought both): targets, scratch and fleecing images "
+        "are always handed to QEMU as descriptors we opened",
+        "this QEMU closes a removed descriptor only while the guest runs: images are "
+        "handed over as descriptors while the guest runs, by name otherwise, and then "
+        "only in directories no other user can change",
     ),
     "set-action.shutdown": (
         ("set-action", "shutdown"),

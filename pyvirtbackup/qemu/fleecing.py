@@ -87,7 +87,7 @@ def prepare(dp: DiskPlan, src: Disk, settings: FleecingSettings, fleece_path: st
         dp.fleece_path = fleece_path
 
 
-def image(dp: DiskPlan) -> ImageSpec:
+def image(dp: DiskPlan, *, pass_fd: bool = False) -> ImageSpec:
     """A push's fleecing image: thin qcow2, no backing, discards passed down so that
     it shrinks as the job copies (where QEMU can discard the source)."""
     assert dp.fleece_path and dp.fleece_node and dp.fleece_storage_node
@@ -104,6 +104,7 @@ def image(dp: DiskPlan) -> ImageSpec:
         cluster_size=FLEECE_CLUSTER,
         job_prefix=f"pvb-create-{dp.store_id}-fleece",
         discard=True,
+        pass_fd=pass_fd,
     )
 
 

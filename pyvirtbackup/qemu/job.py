@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
 from ..enums import JobOperation, JobType
 from ..errors import ErrorDomain, ErrorNumber, VirError
-from . import probe
+from . import ownfiles, probe
 from .executor import StepRunner
 from .jobcore import (
     CANCELLED,
@@ -91,6 +92,8 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self.result: JobResult | None = None
         self.done = asyncio.Event()
         self.created_files: list[str] = []
+        self.created_ids: dict[str, ownfiles.FileId] = {}  # only these are ever unlinked
+        self.fdsets: dict[str, int] = {}  # image path -> QEMU fd set of our descriptor
         self.exports_added: list[str] = []
         self.server_started = False
         self.objects_added: list[str] = []
@@ -214,6 +217,7 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             for out in lanes:
                 undo += out
             await finish_even_if_cancelled(self._rollback(undo))
+            await finish_even_if_cancelled(self._drop_fdsets())
             if self.listener is not None:
                 self.listener.cleanup()
             self._unlisten()
@@ -332,6 +336,8 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         if self._terminating:
             return
         self._terminating = True
+        if self.mode == "push" and self.final_type() == JobType.COMPLETED:
+            self._check_targets()
         final = self.final_type()
         # libvirt's rule (qemuBackupJobTerminate): a push keeps the targets we made
         # only if the whole backup completed; a half backup is no backup
@@ -344,6 +350,8 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self._stop_watching()
         if self.listener is not None:
             self.listener.cleanup()
+        with contextlib.suppress(VirError):
+            await self._drop_fdsets()
         self.finished_elapsed = self.elapsed_ms()
         current = sum(d.current for d in self.disks.values())
         total = sum(d.total for d in self.disks.values())
@@ -365,6 +373,27 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
             if asyncio.iscoroutine(res):
                 await res
         await self._carry_out_shutdown()
+
+    def _check_targets(self) -> None:
+        """A completed push's targets must still be the files QEMU wrote: a path that
+        now names another file (replaced, renamed over, a link) holds no backup of
+        ours, and saying "completed" would hand the user someone else's file."""
+        for d in self.disks.values():
+            path = d.plan.path
+            ident = self.created_ids.get(path)
+            if path not in self.created_files or ident is None:
+                continue  # not ours to vouch for: a reused target, a block device
+            if ownfiles.is_same(path, ident):
+                continue
+            d.state = FAILED
+            d.error = (
+                f"the target '{path}' of disk '{d.plan.disk}' was replaced while the backup "
+                "ran: that path no longer names the file the backup wrote, so it holds no "
+                f"backup of ours; someone who can write '{os.path.dirname(path) or '.'}' "
+                "changed it"
+            )
+            log.error("%s", d.error)
+            self.first_error = self.first_error or d.error
 
     async def _restore_shutdown_action(self) -> None:
         previous = self.plan.shutdown_restore

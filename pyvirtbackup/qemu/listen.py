@@ -2,13 +2,19 @@
 
 Why bind them ourselves: libvirt makes its users choose a TCP port and fails when
 it is taken; binding port 0 lets the kernel choose a free one with no race, and
-the port is known before QEMU ever sees the socket. A unix socket bound here is
-owner-only from its first instant, where QEMU's own bind follows QEMU's umask. And
-QEMU unlinks whatever file sits at a unix path before binding it; we refuse to
-replace anything but a stale socket.
+the port is known before QEMU ever sees the socket. QEMU unlinks whatever file
+sits at a unix path before binding it; we refuse to replace anything but a stale
+socket of our own.
 
-Linux only, like QEMU's KVM: a unix socket's file takes its mode from the socket's
-inode, which ``fchmod`` sets before ``bind``.
+A unix socket never appears at its path before it has its final mode, and it is
+never chmodded by a path another user could swap: it is bound (by us, or by QEMU
+when the monitor cannot pass descriptors) inside a fresh 0700 directory next to
+its path, given its mode there, and then hard-linked into place, which fails
+rather than replace anything that appeared meanwhile. The socket's directory must
+be one other users cannot rename things in (owned by us or root; writable by
+others only if sticky), or none of this would hold.
+
+Linux only, like QEMU's KVM.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import errno
 import os
 import socket
 import stat
+import tempfile
 from dataclasses import dataclass
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
 
 BACKLOG = 16
+PRIVATE_PREFIX = ".pvb-nbd-"
+PRIVATE_NAME = "nbd.sock"
 
 
 def _system_error(what: str, exc: OSError) -> VirError:
@@ -37,7 +46,8 @@ class Listener:
     or the kernel would go on accepting connections for a server that stopped.
     ``ident`` is the (device, inode, ctime) of a unix socket file we created: only
     that file is ever unlinked (inode numbers alone are reused at once). ``sock``
-    is None for a socket QEMU binds itself.
+    is None for a socket QEMU binds itself, in ``private_dir`` until ``publish``
+    moves it to ``path``.
     """
 
     transport: str  # tcp | unix
@@ -46,6 +56,12 @@ class Listener:
     port: int | None = None
     path: str | None = None
     ident: tuple[int, int, int] | None = None
+    private_dir: str | None = None
+
+    @property
+    def private_path(self) -> str:
+        assert self.private_dir is not None
+        return os.path.join(self.private_dir, PRIVATE_NAME)
 
     def fileno(self) -> int:
         if self.sock is None:
@@ -65,20 +81,27 @@ class Listener:
         paths where it never got the socket, or died.
         """
         self.release()
-        if self.transport != "unix" or not self.path:
+        if self.private_dir is not None:
+            remove_private_dir(self.private_dir)
+            self.private_dir = None
+        if self.transport != "unix" or not self.path or self.ident is None:
             return
         try:
             st = os.lstat(self.path)
         except OSError:
             return
-        if not stat.S_ISSOCK(st.st_mode):
-            return
-        if self.ident is not None and _ident(st) != self.ident:
+        if not stat.S_ISSOCK(st.st_mode) or _ident(st) != self.ident:
             return
         if _socket_alive(self.path):
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+    def publish(self, mode: int) -> None:
+        """Move the socket QEMU bound in ``private_dir`` to ``path`` with ``mode``."""
+        self.ident = publish(self.private_path, self.path or "", mode)
+        remove_private_dir(self.private_dir or "")
+        self.private_dir = None
 
 
 def _ident(st: os.stat_result) -> tuple[int, int, int]:
@@ -98,7 +121,9 @@ def _socket_alive(path: str) -> bool:
 
 
 def check_unix_path(path: str) -> None:
-    """Make ``path`` free for a new socket: remove a stale socket, refuse anything else."""
+    """Make ``path`` free for a new socket: remove a stale socket of ours, refuse anything
+    else, and refuse a directory where others could swap what we put there."""
+    check_socket_dir(path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -117,30 +142,110 @@ def check_unix_path(path: str) -> None:
             ErrorDomain.QEMU,
             f"NBD socket path '{path}' is in use: a server is listening on it",
         )
+    if st.st_uid != os.geteuid():
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.QEMU,
+            f"NBD socket path '{path}' is a stale socket of uid {st.st_uid}; refusing to "
+            "replace another user's file",
+        )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
+def check_socket_dir(path: str) -> None:
+    """The socket's directory: others must not be able to rename or replace entries in
+    it (owned by us or root; writable by group or others only if sticky)."""
+    directory = os.path.dirname(path) or "."
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise _system_error(f"cannot use directory '{directory}' for the NBD socket", exc) from None
+    problem = None
+    if st.st_uid not in (0, os.geteuid()):
+        problem = f"is owned by uid {st.st_uid}"
+    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        problem = (
+            f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}) and not sticky"
+        )
+    if problem:
+        raise VirError(
+            ErrorNumber.OPERATION_DENIED,
+            ErrorDomain.QEMU,
+            f"directory '{directory}' of NBD socket '{path}' {problem}: another user could "
+            "replace the socket or what it points to; use a directory only root (or we) "
+            "can write",
+        )
+
+
+def make_private_dir(path: str) -> str:
+    """A fresh 0700 directory next to ``path`` (same filesystem, so a link can move
+    a socket from it to ``path``)."""
+    try:
+        return tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=os.path.dirname(path) or ".")
+    except OSError as exc:
+        raise _system_error(f"cannot make a private directory next to '{path}'", exc) from None
+
+
+def remove_private_dir(directory: str) -> None:
+    """Remove a private directory of ours and the socket bound in it, if any."""
+    inner = os.path.join(directory, PRIVATE_NAME)
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(inner).st_mode):
+            os.unlink(inner)
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
+
+
+def publish(private: str, path: str, mode: int) -> tuple[int, int, int]:
+    """Give the socket at ``private`` (in our private directory) ``mode`` and link it
+    to ``path``; returns the identity of the socket now at ``path``.
+
+    The chmod happens where nobody else can reach, and link() never replaces: a
+    file that appeared at ``path`` since it was checked makes this fail instead.
+    """
+    try:
+        os.chmod(private, mode)
+        before = os.lstat(private)
+        os.link(private, path, follow_symlinks=False)
+    except FileExistsError:
+        raise VirError(
+            ErrorNumber.INVALID_ARG,
+            ErrorDomain.QEMU,
+            f"NBD socket path '{path}' appeared while the socket was being set up; "
+            "refusing to replace it",
+        ) from None
+    except OSError as exc:
+        raise _system_error(f"cannot put the NBD socket at '{path}'", exc) from None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(private)
+    st = os.lstat(path)
+    if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):  # pragma: no cover
+        raise VirError(
+            ErrorNumber.INTERNAL_ERROR, ErrorDomain.QEMU, f"NBD socket '{path}' was replaced"
+        )
+    return _ident(st)
+
+
 def listen_unix(path: str, mode: int = 0o600) -> Listener:
-    """Bind and listen on a unix socket whose file has exactly ``mode``."""
+    """Bind and listen on a unix socket that appears at ``path`` with exactly ``mode``."""
     check_unix_path(path)
+    private = make_private_dir(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # the file is created with the socket inode's mode less the umask: never
-        # wider than asked; the chmod after only adds what the umask took away
-        os.fchmod(sock.fileno(), mode)
-        sock.bind(path)
-        os.chmod(path, mode)
-        st = os.lstat(path)
+        inner = os.path.join(private, PRIVATE_NAME)
+        sock.bind(inner)
         sock.listen(BACKLOG)
-    except OSError as exc:
+        ident = publish(inner, path, mode)
+    except BaseException as exc:
         sock.close()
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        what = f"cannot listen on unix socket '{path}' for the NBD server"
-        raise _system_error(what, exc) from None
-    return Listener("unix", sock, path=path, ident=_ident(st))
+        remove_private_dir(private)
+        if isinstance(exc, OSError):
+            what = f"cannot listen on unix socket '{path}' for the NBD server"
+            raise _system_error(what, exc) from None
+        raise
+    remove_private_dir(private)
+    return Listener("unix", sock, path=path, ident=ident)
 
 
 def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:

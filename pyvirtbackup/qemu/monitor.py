@@ -76,6 +76,7 @@ class Monitor:
         self._watch: asyncio.Task[None] | None = None
         self._disconnect_handlers: dict[int, Callable[[], None]] = {}
         self.address: Address | None = None
+        self.peer_ids: tuple[int, int] | None = None
         self.disconnected = asyncio.Event()
         self._hmp_qdev: dict[str, str] = {}
         self._reap_lock = asyncio.Lock()
@@ -104,8 +105,23 @@ class Monitor:
                 ErrorDomain.QEMU,
                 f"cannot connect to QEMU monitor at {where}: {reason}",
             ) from None
+        self.peer_ids = self._peer_ids()
         self._pump = asyncio.create_task(self._pump_events(), name="qmp-events")
         self._watch = asyncio.create_task(self._watch_state(), name="qmp-state")
+
+    def _peer_ids(self) -> tuple[int, int] | None:
+        """(uid, gid) of the QEMU at the other end of a unix monitor (SO_PEERCRED):
+        whose group may read the TLS key QEMU loads. None over TCP."""
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        _pid, uid, gid = struct.unpack("3i", raw)
+        return uid, gid
 
     @property
     def connected(self) -> bool:
@@ -121,10 +137,11 @@ class Monitor:
         self._disconnect_handlers.pop(handle, None)
 
     async def _watch_state(self) -> None:
-        while True:
+        # the connection may already be going (QEMU died right after the greeting):
+        # waiting for the next change would then wait for a disconnect nobody makes
+        state = self._client.runstate
+        while state not in (Runstate.DISCONNECTING, Runstate.IDLE):
             state = await self._client.runstate_changed()
-            if state in (Runstate.DISCONNECTING, Runstate.IDLE):
-                break
         self.disconnected.set()
         # reap the client's reader tasks now, or asyncio complains about their EOFError
         await self._reap()
@@ -220,6 +237,24 @@ class Monitor:
                     f"cannot pass descriptor '{name}' to QEMU: {exc}",
                 ) from None
             await self.execute("getfd", {"fdname": name})
+
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        """Give QEMU its own copy of ``fd`` in a new fd set (``add-fd``); returns the
+        set's id, which QEMU opens as ``/dev/fdset/N``. ``opaque`` tags it as ours in
+        ``query-fdsets``."""
+        async with self._fd_lock:
+            if not self.connected:
+                raise _not_running("no connection to its monitor for 'add-fd'")
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise VirError(
+                    ErrorNumber.OPERATION_FAILED,
+                    ErrorDomain.QEMU,
+                    f"cannot pass descriptor '{opaque}' to QEMU: {exc}",
+                ) from None
+            reply = await self.execute("add-fd", {"opaque": opaque})
+        return int(reply["fdset-id"])
 
     def peer_pid(self) -> int | None:
         """QEMU's process id, from the unix socket's peer credentials (None over TCP)."""

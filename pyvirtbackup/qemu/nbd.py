@@ -12,6 +12,7 @@ after it, because they export the scratch nodes the jobs write into.
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -27,26 +28,35 @@ TLS_REQUIRED_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 TLS_OPTIONAL_FILES = ("ca-crl.pem", "dh-params.pem")
 
 TLS_ALIAS = "pvb-backup-tls0"
+AUTHZ_ALIAS = "pvb-backup-authz0"
 HANDSHAKE_FEATURE = "nbd-server-start.handshake-max-seconds"
 LISTEN_FD_NAME = "pvb-nbd-listen"
 
 
 @dataclass
 class TlsCreds:
-    """x509 credentials for the NBD server: a directory in QEMU's layout."""
+    """x509 credentials for the NBD server: a directory in QEMU's layout.
+
+    ``allowed_dns``: libvirt's tls_allowed_dn_list, glob patterns of the client
+    certificate Distinguished Names admitted (QEMU's ``tls-authz``); None admits
+    any certificate the CA signed.
+    """
 
     directory: str
     verify_peer: bool = True
     alias: str = TLS_ALIAS
+    allowed_dns: list[str] | None = None
+    authz_alias: str = AUTHZ_ALIAS
 
 
-def check_tls_dir(directory: str) -> None:
-    """Find a missing, unreadable or unacceptable certificate before anything is
-    added to QEMU.
+def check_tls_dir(directory: str, *, qemu: tuple[int, int] | None = None) -> None:
+    """Find a missing, unreadable or unacceptable certificate, or a private key
+    others could read, before anything is added to QEMU.
 
     QEMU would find it too, but only at object-add, after the scratch images
     exist, with a message that does not say how to fix it, and a newer QEMU
-    refuses certificates an older one took (``tlsfiles``).
+    refuses certificates an older one took (``tlsfiles``). ``qemu`` is the
+    (uid, gid) QEMU runs as, for the private key's check (``check_private_key``).
     """
     hint = "set Driver(tls_x509_cert_dir=...) to a directory holding " + ", ".join(
         TLS_REQUIRED_FILES
@@ -70,7 +80,37 @@ def check_tls_dir(directory: str) -> None:
             raise _tls_error(f"backup TLS file '{path}' is not readable: {exc.strerror}") from None
         if b"-----BEGIN " not in head:
             raise _tls_error(f"backup TLS file '{path}' is not a PEM file")
+    check_private_key(os.path.join(directory, "server-key.pem"), qemu)
     check_server_files(directory)
+
+
+def check_private_key(path: str, qemu: tuple[int, int] | None) -> None:
+    """Refuse a private key others can read or replace, as OpenSSH refuses such keys.
+
+    Owned by us, root or QEMU's user; nothing for others; group read only for
+    QEMU's own group (a QEMU running as another user reads it that way), never
+    group write.
+    """
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    qemu_uid, qemu_gid = qemu if qemu is not None else (None, None)
+    problem = None
+    if st.st_uid not in (0, os.geteuid(), qemu_uid):
+        problem = f"is owned by uid {st.st_uid}, who could read or replace it"
+    elif mode & 0o007:
+        problem = f"is readable by every user (mode {mode:04o})"
+    elif mode & 0o030:
+        problem = f"is writable by group {st.st_gid} (mode {mode:04o})"
+    elif mode & 0o040 and st.st_gid != qemu_gid:
+        problem = (
+            f"is readable by group {st.st_gid} (mode {mode:04o}), which is not QEMU's "
+            f"group{'' if qemu_gid is None else f' ({qemu_gid})'}"
+        )
+    if problem:
+        raise _tls_error(
+            f"backup TLS private key '{path}' {problem}; refusing it: chmod 600 it "
+            "(or 640 with QEMU's group if QEMU runs as another user)"
+        )
 
 
 def tls_steps(creds: TlsCreds) -> list[Step]:
@@ -87,6 +127,20 @@ def tls_steps(creds: TlsCreds) -> list[Step]:
                 "verify-peer": creds.verify_peer,
             },
             undo=[Step("qmp", "object-del", {"id": creds.alias})],
+        )
+    ]
+
+
+def authz_steps(creds: TlsCreds) -> list[Step]:
+    """An allow-list of client certificate names (QEMU's authz-list): anything not
+    matched is refused, like libvirt's tls_allowed_dn_list."""
+    rules = [{"match": dn, "policy": "allow", "format": "glob"} for dn in creds.allowed_dns or []]
+    return [
+        Step(
+            "qmp",
+            "object-add",
+            {"qom-type": "authz-list", "id": creds.authz_alias, "policy": "deny", "rules": rules},
+            undo=[Step("qmp", "object-del", {"id": creds.authz_alias})],
         )
     ]
 
@@ -108,18 +162,20 @@ def server_steps(
     address: dict[str, Any],
     *,
     tls_alias: str | None = None,
+    authz_alias: str | None = None,
     pass_fd: bool = False,
-    chmod: tuple[str, int] | None = None,
+    publish: tuple[str, int] | None = None,
     handshake_max_seconds: int | None = None,
 ) -> list[Step]:
     """Start QEMU's (only) NBD server.
 
     With ``pass_fd`` the address is a socket we bound ourselves, handed over with
-    ``getfd`` first: the port is known before QEMU sees it and a unix socket is
-    owner-only from its first instant. ``chmod`` is the fallback for monitors that
-    cannot pass descriptors: QEMU binds the path and we narrow its mode at once,
-    before any export exists. ``handshake_max_seconds`` (QEMU 10.0+) drops a
-    client that does not finish its handshake in time.
+    ``getfd`` first: the port is known before QEMU sees it and a unix socket is in
+    place with its mode before QEMU serves it. ``publish`` (path, mode) is for
+    monitors that cannot pass descriptors: QEMU binds the unix socket inside our
+    private directory, and the socket is given its mode there and linked to its
+    path (``listen.publish``) before any export exists. ``handshake_max_seconds``
+    (QEMU 10.0+) drops a client that does not finish its handshake in time.
     """
     steps: list[Step] = []
     if pass_fd:
@@ -136,12 +192,14 @@ def server_steps(
     args: dict[str, Any] = {"addr": address}
     if tls_alias:
         args["tls-creds"] = tls_alias
+    if authz_alias:
+        args["tls-authz"] = authz_alias
     if handshake_max_seconds is not None:
         args["handshake-max-seconds"] = handshake_max_seconds
     steps.append(Step("qmp", "nbd-server-start", args, undo=[Step("qmp", "nbd-server-stop", {})]))
-    if chmod is not None:
-        path, mode = chmod
-        steps.append(Step("chmod", "chmod", {"path": path, "mode": mode}))
+    if publish is not None:
+        path, mode = publish
+        steps.append(Step("publish-socket", "publish", {"path": path, "mode": mode}))
     return steps
 
 
@@ -189,20 +247,25 @@ def add_pull_steps(
     *,
     tls: TlsCreds | None = None,
     pass_fd: bool = False,
-    chmod: tuple[str, int] | None = None,
+    publish: tuple[str, int] | None = None,
     handshake_max_seconds: int | None = None,
 ) -> Plan:
     """Extend a planned pull backup with its NBD server and exports."""
     if plan.mode != "pull":
         raise ValueError("NBD steps belong to pull backups only")
     check_export_names(plan)
+    authz = None
     if tls is not None:
         plan.prepare += tls_steps(tls)
+        if tls.allowed_dns is not None:
+            plan.prepare += authz_steps(tls)
+            authz = tls.authz_alias
     plan.prepare += server_steps(
         address,
         tls_alias=tls.alias if tls else None,
+        authz_alias=authz,
         pass_fd=pass_fd,
-        chmod=chmod,
+        publish=publish,
         handshake_max_seconds=handshake_max_seconds,
     )
     plan.after += export_steps(plan)

@@ -64,22 +64,46 @@ class Tuning:
 class Step:
     """One thing to do: a QMP command, a QMP job (wait + dismiss), handing QEMU a
     descriptor (``pass-fd``: the listening socket, then ``getfd``), or a local file
-    action.
+    action (``create-file`` creates an image and, with ``pass_fd``, hands QEMU our
+    descriptor of it with ``add-fd``; ``release-fd`` removes that fd set once the
+    image's nodes hold their own copies).
+
+    ``fdset`` names the image whose ``filename`` the step gives QEMU as the fd set
+    of our descriptor (``/dev/fdset/N``, known once the file exists) and never by
+    its path: the path could name another file by then.
 
     ``undo`` runs, in reverse order, when a later step fails before the backup starts.
     ``ignore_errors`` is for undo steps whose object may already be gone.
     """
 
-    kind: str  # "qmp", "qmp-job", "pass-fd", "create-file", "remove-file", "chmod"
+    # "qmp", "qmp-job", "pass-fd", "create-file", "release-fd", "remove-file",
+    # "publish-socket"
+    kind: str
     command: str
     args: dict[str, Any] = field(default_factory=dict)
     undo: list[Step] = field(default_factory=list)
     ignore_errors: bool = False
+    fdset: str | None = None
 
     def describe(self) -> dict[str, Any]:
         if self.kind in ("qmp", "qmp-job", "pass-fd"):
-            return {"execute": self.command, "arguments": self.args}
+            if self.fdset is None:
+                return {"execute": self.command, "arguments": self.args}
+            args = with_fdset(self.args, self.fdset, "/dev/fdset/N")
+            return {"execute": self.command, "arguments": args, "fdset-of": self.fdset}
         return {"local": self.command, **self.args}
+
+
+def with_fdset(value: Any, path: str, fdset: str) -> Any:
+    """``value`` with every ``filename`` that is ``path`` replaced by ``fdset``."""
+    if isinstance(value, dict):
+        return {
+            k: fdset if k == "filename" and v == path else with_fdset(v, path, fdset)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [with_fdset(v, path, fdset) for v in value]
+    return value
 
 
 @dataclass
@@ -218,7 +242,7 @@ def _cache(tuning: Tuning) -> dict[str, Any] | None:
     return {"direct": tuning.target_cache_direct}
 
 
-def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
+def store_steps(dp: DiskPlan, tuning: Tuning, *, pass_fd: bool = False) -> list[Step]:
     """Create (unless reused) and open one target or scratch: libvirt's order."""
     return image_steps(
         ImageSpec(
@@ -237,6 +261,7 @@ def store_steps(dp: DiskPlan, tuning: Tuning) -> list[Step]:
             backing_fmt=dp.backing_fmt,
             job_prefix=f"pvb-create-{dp.store_id}",
             discard=dp.fleecing and dp.sync == "none",  # a pull scratch is a fleecing image
+            pass_fd=pass_fd,
         ),
         tuning,
     )
@@ -261,39 +286,43 @@ class ImageSpec:
     backing_fmt: str | None = None
     job_prefix: str = "pvb-create"
     discard: bool = False  # pass discards down to the file (a fleecing image shrinks)
+    pass_fd: bool = False  # QEMU gets our descriptor of the file we create, not its path
 
 
 def image_steps(img: ImageSpec, tuning: Tuning) -> list[Step]:
-    """Create (unless reused) and open one image."""
+    """Create (unless reused) and open one image.
+
+    A file we create is made by us (O_EXCL, never through a link) and, when
+    ``pass_fd``, reaches QEMU only as our descriptor: every command that names it
+    says ``/dev/fdset/N``, and the fd set goes as soon as the image's nodes hold
+    their own copies. A raw image is sized on that descriptor (ftruncate, which is
+    all QEMU's file creation would do).
+    """
+    cache = _cache(tuning) or {}
+    fdset = img.path if img.create_file and img.pass_fd else None
     steps: list[Step] = []
     if img.create_file:
-        steps.append(
-            Step(
-                "create-file",
-                "create",
-                {"path": img.path, "disk": img.disk},
-                undo=[Step("remove-file", "remove", {"path": img.path})],
-            )
-        )
+        undo = [Step("remove-file", "remove", {"path": img.path})]
+        if fdset:
+            undo.append(Step("release-fd", "remove-fd", {"path": img.path}))
+        args: dict[str, Any] = {"path": img.path, "disk": img.disk}
         if img.fmt == "raw":
-            steps.append(
-                Step(
-                    "qmp-job",
-                    "blockdev-create",
-                    {
-                        "job-id": f"{img.job_prefix}-storage",
-                        "options": {"driver": "file", "filename": img.path, "size": img.size},
-                    },
-                )
-            )
+            args["size"] = img.size
+        if fdset:
+            args["pass_fd"] = True
+        if cache.get("direct"):
+            args["direct"] = True  # QEMU 9.1+ dups only a descriptor opened the same way
+        steps.append(Step("create-file", "create", args, undo=undo))
     storage: dict[str, Any] = {
         "driver": "file" if img.store_type == "file" else "host_device",
         "filename": img.path,
         "node-name": img.storage_node,
-        "auto-read-only": True,
         "discard": "unmap",
     }
-    cache = _cache(tuning) or {}
+    if fdset:  # opened read-write at once: the fd set holds a read-write descriptor only
+        storage["read-only"] = False
+    else:
+        storage["auto-read-only"] = True
     if cache.get("direct"):
         storage["aio"] = "native"
     add = Step(
@@ -301,6 +330,7 @@ def image_steps(img: ImageSpec, tuning: Tuning) -> list[Step]:
         "blockdev-add",
         {**storage, "cache": cache} if cache else dict(storage),
         undo=[Step("qmp", "blockdev-del", {"node-name": img.storage_node})],
+        fdset=fdset,
     )
     if img.create_format and img.fmt != "raw":
         # Format while the node does not flush: a flush here would wait for every
@@ -323,7 +353,7 @@ def image_steps(img: ImageSpec, tuning: Tuning) -> list[Step]:
                 "blockdev-create",
                 {"job-id": f"{img.job_prefix}-format", "options": options},
             ),
-            Step("qmp", "blockdev-reopen", {"options": [flushing]}),
+            Step("qmp", "blockdev-reopen", {"options": [flushing]}, fdset=fdset),
         ]
     else:
         steps.append(add)
@@ -348,6 +378,8 @@ def image_steps(img: ImageSpec, tuning: Tuning) -> list[Step]:
             undo=[Step("qmp", "blockdev-del", {"node-name": img.format_node})],
         )
     )
+    if fdset:  # the nodes hold their own copies now
+        steps.append(Step("release-fd", "remove-fd", {"path": img.path}))
     return steps
 
 
@@ -470,12 +502,14 @@ def plan_backup(
     known_checkpoints: set[str] | None = None,
     features: QemuFeatures | None = None,
     fleecing_settings: FleecingSettings | None = None,
+    pass_fds: bool = False,
 ) -> Plan:
     """Plan the stores, the merge actions, the instant and what follows it.
 
     ``fleecing_settings`` (None: libvirt's direct sequence for every disk) routes
     each disk that can be fleeced through ``qemu.fleecing``; the others keep the
-    direct sequence, with the reason in ``DiskPlan.direct_reason``.
+    direct sequence, with the reason in ``DiskPlan.direct_reason``. ``pass_fds``:
+    the images we create reach QEMU as our descriptors (``image_steps``).
 
     Raises VirError for what libvirt refuses at this stage (unknown checkpoint,
     broken bitmap chain, a disk without media) before anything is touched.
@@ -587,10 +621,10 @@ def plan_backup(
             dp.export_bitmap = dp.bitmap
             dp.export_id = f"pvb-nbd-{pd.name}"
         plan.disks.append(dp)
-        lane = store_steps(dp, tuning)
+        lane = store_steps(dp, tuning, pass_fd=pass_fds)
         if fleece:
             if mode == "push":  # the fleecing image is local: no target cache settings
-                lane += image_steps(fleecing.image(dp), Tuning())
+                lane += image_steps(fleecing.image(dp, pass_fd=pass_fds), Tuning())
             lane.append(fleecing.filter_step(dp, features))
             plan.switch.append(fleecing.switch_step(dp))
             plan.after += fleecing.access_steps(dp, granularity)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VirError
-from . import teardown
+from . import jobrecord, teardown
 from .jobcore import CANCELLING, PREPARING, RUNNING, STARTED, Callbacks
 from .listen import Listener
 from .monitor import Monitor
@@ -43,6 +43,7 @@ class JobRecord:
                 for d in self.disks.values()
             ],
             "created_files": list(self.created_files),
+            "created_ids": {p: list(i) for p, i in self.created_ids.items()},
             "exports": list(self.exports_added),
             "nbd_server": self.server_started,
             "objects": list(self.objects_added),
@@ -58,6 +59,7 @@ class JobRecord:
                     "port": self.listener.port,
                     "path": self.listener.path,
                     "ident": list(self.listener.ident) if self.listener.ident else None,
+                    "private_dir": self.listener.private_dir,
                 }
                 if self.listener is not None
                 else None
@@ -68,7 +70,11 @@ class JobRecord:
     def restore(
         cls, mon: Monitor, record: dict[str, Any], callbacks: Callbacks | None = None
     ) -> BackupJob:
-        """Rebuild a job from ``snapshot()``; ``resume()`` then reconciles it with QEMU."""
+        """Rebuild a job from ``snapshot()``; ``resume()`` then reconciles it with QEMU.
+
+        A record that is not as we write it raises ``jobrecord.RecordError``.
+        """
+        jobrecord.check(record)
         plans = [DiskPlan(**d["plan"]) for d in record["disks"]]
         job = cls(mon, Plan(mode=record["mode"], disks=plans), callbacks)
         job.phase = record.get("phase", STARTED)
@@ -80,6 +86,7 @@ class JobRecord:
         job.started_wall = float(record.get("started", time.time()))
         job._started = time.monotonic() - max(time.time() - job.started_wall, 0.0)
         job.created_files = list(record.get("created_files", []))
+        job.created_ids = {p: (i[0], i[1]) for p, i in record.get("created_ids", {}).items()}
         job.exports_added = list(record.get("exports", []))
         job.server_started = bool(record.get("nbd_server"))
         job.objects_added = list(record.get("objects", []))
@@ -97,6 +104,7 @@ class JobRecord:
                 port=lrec.get("port"),
                 path=lrec.get("path"),
                 ident=ident,  # type: ignore[arg-type]
+                private_dir=lrec.get("private_dir"),
             )
         return job
 
@@ -109,6 +117,7 @@ class JobRecord:
         """
         self._listen()
         problems = await self._resume_guest()
+        problems += await jobrecord.spare_persistent_bitmaps(self.mon, self.plan.disks)
         jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
         if self.phase == PREPARING:
             if not set(self.disks) & set(jobs):
@@ -180,6 +189,7 @@ class JobRecord:
                         await self.mon.execute("job-dismiss", {"id": jid})
             problems += await teardown.take_down(self.mon, dp, job_lost=True)
         await self._stop_exports(only_if_ours=True)
+        await self._drop_fdsets()
         for path in list(self.created_files):
             self._remove_file(path)
         if self.listener is not None:

@@ -3,7 +3,8 @@
 Used when a disk's job ends, on abort, and when a later process cleans up after
 one that died: so every step checks what is still there instead of trusting how far
 the record says we got, and carries on past what fails (logging it), since leaving
-the rest behind would be worse.
+the rest behind would be worse. A persistent bitmap is never removed here, whatever
+the plan names: ours are all temporary, so a persistent one is a checkpoint's.
 
 Fleecing's order (qemu-7.2-notes pitfalls 2 and 3): the snapshot-access view goes
 before the device is switched back (while it exists, the filter refuses other
@@ -52,7 +53,15 @@ async def drop_probe_job(mon: Monitor, dp: DiskPlan) -> None:
 
 
 async def node_names(mon: Monitor) -> set[str]:
-    return {n["node-name"] for n in await mon.execute("query-named-block-nodes", {"flat": True})}
+    return set(await _nodes(mon))
+
+
+async def _nodes(mon: Monitor) -> dict[str, set[str]]:
+    """Node names, each with the names of its persistent bitmaps."""
+    return {
+        n["node-name"]: {b.get("name") for b in n.get("dirty-bitmaps") or [] if b.get("persistent")}
+        for n in await mon.execute("query-named-block-nodes", {"flat": True})
+    }
 
 
 async def restore_device(mon: Monitor, dp: DiskPlan) -> str | None:
@@ -87,7 +96,8 @@ async def take_down(mon: Monitor, dp: DiskPlan, *, job_lost: bool = False) -> li
     if dp.has_qemu_job and not job_lost:
         with contextlib.suppress(VirError):
             await mon.execute("job-dismiss", {"id": dp.job_id})
-    present = await node_names(mon)
+    nodes = await _nodes(mon)
+    present = set(nodes)
 
     async def delete(*nodes: str | None) -> None:
         for node in nodes:
@@ -100,6 +110,13 @@ async def take_down(mon: Monitor, dp: DiskPlan, *, job_lost: bool = False) -> li
                 problems.append(f"could not delete node '{node}' of disk '{dp.disk}': {exc}")
 
     async def remove_bitmap(node: str | None) -> None:
+        if dp.bitmap and node and dp.bitmap in nodes.get(node, ()):
+            # ours are never persistent: this one is a checkpoint's or another tool's
+            problems.append(
+                f"bitmap '{dp.bitmap}' on node '{node}' is persistent, so it is not a "
+                "temporary bitmap of ours; it was left alone"
+            )
+            return
         if dp.bitmap and node and node in present:
             with contextlib.suppress(VirError):  # gone already, or never made
                 await mon.execute("block-dirty-bitmap-remove", {"node": node, "name": dp.bitmap})

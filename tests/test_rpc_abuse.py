@@ -253,7 +253,8 @@ async def test_socket_mode_and_peers_not_allowed(env: RpcEnv, tmp_path: Path) ->
     # a socket someone widened by hand: the uid check still turns strangers away
     open_dir = Path(tempfile.mkdtemp(prefix="pyvirtbackup-open-"))  # /tmp: reachable by all
     os.chmod(open_dir, 0o777)
-    other = Daemon(open_dir / "state", open_dir / "sock")  # its own (empty) state
+    # its own (empty) state, private: a state dir others can write is refused
+    other = Daemon(tmp_path / "other-state", open_dir / "sock")
     await asyncio.to_thread(other.start)
     try:
         os.chmod(open_dir / "sock", 0o666)

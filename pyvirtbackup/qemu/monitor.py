@@ -82,6 +82,12 @@ class Monitor:
         self._reap_lock = asyncio.Lock()
         self.commands_sent = 0  # QMP round trips, for benchmarks
         self._fd_lock = asyncio.Lock()
+        # descriptor hand-overs happen with no other command in flight (_with_descriptor)
+        self._fd_gate = asyncio.Event()
+        self._fd_gate.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._in_flight = 0
 
     # connection -------------------------------------------------------------
 
@@ -187,6 +193,18 @@ class Monitor:
         arguments: dict[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Any:
+        while not self._fd_gate.is_set():  # a descriptor is on its way: wait
+            await self._fd_gate.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._send(command, arguments, timeout)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
         if self.disconnected.is_set() or self._client.runstate != Runstate.RUNNING:
             raise _not_running(f"no connection to its monitor for '{command}'")
         started = time.monotonic()
@@ -220,41 +238,46 @@ class Monitor:
         return isinstance(self.address, str)
 
     async def pass_fd(self, fd: int, name: str) -> None:
-        """Give QEMU its own copy of ``fd`` under ``name`` (``getfd``).
-
-        QEMU attaches a received descriptor to the next ``getfd`` on this
-        connection, so two hand-overs must not interleave.
-        """
-        async with self._fd_lock:
-            if not self.connected:
-                raise _not_running(f"no connection to its monitor for 'getfd {name}'")
-            try:
-                self._client.send_fd_scm(fd)
-            except (QMPError, OSError) as exc:
-                raise VirError(
-                    ErrorNumber.OPERATION_FAILED,
-                    ErrorDomain.QEMU,
-                    f"cannot pass descriptor '{name}' to QEMU: {exc}",
-                ) from None
-            await self.execute("getfd", {"fdname": name})
+        """Give QEMU its own copy of ``fd`` under ``name`` (``getfd``)."""
+        await self._with_descriptor(fd, "getfd", {"fdname": name}, name)
 
     async def add_fd(self, fd: int, opaque: str) -> int:
         """Give QEMU its own copy of ``fd`` in a new fd set (``add-fd``); returns the
         set's id, which QEMU opens as ``/dev/fdset/N``. ``opaque`` tags it as ours in
         ``query-fdsets``."""
-        async with self._fd_lock:
-            if not self.connected:
-                raise _not_running("no connection to its monitor for 'add-fd'")
-            try:
-                self._client.send_fd_scm(fd)
-            except (QMPError, OSError) as exc:
-                raise VirError(
-                    ErrorNumber.OPERATION_FAILED,
-                    ErrorDomain.QEMU,
-                    f"cannot pass descriptor '{opaque}' to QEMU: {exc}",
-                ) from None
-            reply = await self.execute("add-fd", {"opaque": opaque})
+        reply = await self._with_descriptor(fd, "add-fd", {"opaque": opaque}, opaque)
         return int(reply["fdset-id"])
+
+    async def _with_descriptor(
+        self, fd: int, command: str, arguments: dict[str, Any], label: str
+    ) -> Any:
+        """Send ``fd`` (SCM_RIGHTS) and the command that takes it, with the monitor
+        otherwise silent.
+
+        QEMU attaches a received descriptor to the next command that takes one, so
+        two hand-overs must not interleave. And nothing else may reach QEMU until
+        that command has run: its chardev reads further bytes in the monitor's I/O
+        thread while the main thread takes the descriptor, and that race crashed
+        QEMU 10.0 here (a NULL read in tcp_chr_recv, with lanes sending in
+        parallel). So commands already sent are answered first, new ones wait.
+        """
+        async with self._fd_lock:
+            self._fd_gate.clear()
+            try:
+                await self._idle.wait()
+                if not self.connected:
+                    raise _not_running(f"no connection to its monitor for '{command}'")
+                try:
+                    self._client.send_fd_scm(fd)
+                except (QMPError, OSError) as exc:
+                    raise VirError(
+                        ErrorNumber.OPERATION_FAILED,
+                        ErrorDomain.QEMU,
+                        f"cannot pass descriptor '{label}' to QEMU: {exc}",
+                    ) from None
+                return await self._send(command, arguments, DEFAULT_TIMEOUT)
+            finally:
+                self._fd_gate.set()
 
     def peer_pid(self) -> int | None:
         """QEMU's process id, from the unix socket's peer credentials (None over TCP)."""

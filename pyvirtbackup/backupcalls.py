@@ -22,6 +22,7 @@ from .driverbase import (
     PreparedBackup,
     check_backing,
     check_flags,
+    check_identity,
     check_plain_tcp,
 )
 from .enums import (
@@ -600,6 +601,14 @@ class BackupCalls(CheckpointCalls):
                 last = exc.message
                 await asyncio.sleep(1.0 * (attempt + 1))
                 continue
+            try:  # the same VM, not another one now listening on the socket
+                record = self.state.domain(dom.name).read_record() or {"uuid": dom.uuid}
+                qemu_uuid = await self._qemu_uuid(mon)  # type: ignore[attr-defined]
+                check_identity(dom.name, dom.qmp, record, qemu_uuid)
+            except VirError as exc:
+                await mon.close()
+                log.error("domain %s: %s", dom.name, exc.message)
+                return None  # ours is gone; the other VM is left alone
             old, dom.monitor = dom.monitor, mon
             await old.close()
             log.warning("domain %s: QEMU's monitor dropped and was reconnected", dom.name)

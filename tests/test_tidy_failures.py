@@ -84,6 +84,35 @@ async def test_another_vm_on_the_recorded_socket_is_refused(vm_factory, tmp_path
     assert (await CLI(state).ok("checkpoint-list", "vm1", "--name")).out == "c1\n"
 
 
+async def test_another_vm_behind_a_dropped_monitor_is_not_followed(vm_factory, tmp_path):
+    """The monitor drops mid-backup and another VM now answers on the socket's path:
+    the backup is not followed into that VM (its node that bears one of our names is
+    left alone), the backup fails."""
+    link, sock_a, sock_b = (str(tmp_path / n) for n in ("vm1.qmp", "a.qmp", "b.qmp"))
+    vm_a = await vm_factory(
+        [("vda", "qcow2", 16 * MiB)], extra_args=["-uuid", UUID_A, *qmp_on(sock_a)]
+    )
+    vm_b = await vm_factory(
+        [("vda", "qcow2", 16 * MiB)], subdir="b", extra_args=["-uuid", UUID_B, *qmp_on(sock_b)]
+    )
+    # B's own node, which happens to bear a name of the backup below
+    await vm_b.mon.execute("blockdev-add", {"driver": "null-co", "node-name": "pvb-1-format"})
+    before = {n["node-name"] for n in await vm_b.mon.execute("query-named-block-nodes")}
+    os.symlink(sock_a, link)
+    async with Driver(state_dir=tmp_path / "state") as drv:
+        dom = await drv.attach("vm1", link)
+        events = EventLog()
+        await events.register(drv, dom)
+        await drv.domainBackupBegin(dom, None, tuning={"speed": 1 * MiB})
+        os.unlink(link)
+        os.symlink(sock_b, link)  # the path now leads to B
+        vm_a.proc.kill(signal.SIGKILL)
+        final = await events.wait()
+        assert final["type"] == JobType.FAILED
+        after = {n["node-name"] for n in await vm_b.mon.execute("query-named-block-nodes")}
+        assert after == before and await vm_b.mon.execute("query-jobs") == []
+
+
 async def test_a_vm_without_uuid_keeps_its_made_up_one_and_refuses_one_with_a_uuid(
     vm_factory, tmp_path
 ):

@@ -121,9 +121,14 @@ async def test_dry_run_prints_the_plan_and_touches_nothing(vm_factory, cli, tmp_
         "blockdev-add",  # its format node
         *(["remove-fd"] if by_fd else []),  # the nodes hold their own descriptors
     ]
+    fleecing_image = [
+        "create",  # a sparse raw file: its file node is the image
+        "blockdev-add",
+        *(["remove-fd"] if by_fd else []),
+    ]
     assert commands == [
         *image,  # the target
-        *image,  # the fleecing image
+        *fleecing_image,
         "blockdev-add",  # the copy-before-write filter
         "stop",  # only if the guest runs
         "transaction",  # the instant: checkpoint and temporary bitmaps
@@ -137,7 +142,7 @@ async def test_dry_run_prints_the_plan_and_touches_nothing(vm_factory, cli, tmp_
     opened = [s for s in steps if s.get("execute") in ("blockdev-add", "blockdev-reopen")]
     named = [s for s in opened if s.get("fdset-of")]
     if by_fd:  # the storage nodes and their reopen name /dev/fdset/N, never the path
-        assert [s["fdset-of"] for s in named] == [f"{tmp_path}/vdb.bak"] * 2 + [fleece] * 2
+        assert [s["fdset-of"] for s in named] == [f"{tmp_path}/vdb.bak"] * 2 + [fleece]
         assert f"{tmp_path}/vdb.bak" not in json.dumps([s["arguments"] for s in opened])
     else:
         assert named == []

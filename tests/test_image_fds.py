@@ -103,7 +103,7 @@ def loose_dir(shared: Path, mode: int = 0o777) -> Path:
 
 def swap_after_create(monkeypatch, path: Path, link_to: Path) -> list[str]:
     """Run the attacker right after we create ``path`` and before QEMU opens it."""
-    real = StepRunner._create_file
+    real = StepRunner._open_image
     done: list[str] = []
 
     async def create_then_swap(self, args):
@@ -113,7 +113,7 @@ def swap_after_create(monkeypatch, path: Path, link_to: Path) -> list[str]:
             assert res.rc == 0 and "swapped" in res.out, res.err
             done.append(str(path))
 
-    monkeypatch.setattr(StepRunner, "_create_file", create_then_swap)
+    monkeypatch.setattr(StepRunner, "_open_image", create_then_swap)
     return done
 
 

@@ -111,6 +111,20 @@ class StepRunner:
     async def _create_file(self, args: dict[str, Any]) -> None:
         """Create an image: ours alone (0600, O_EXCL, not through a link), sized if raw,
         and with ``pass_fd`` handed to QEMU as this very descriptor."""
+        await self._open_image(args)
+        try:
+            await self._changed()
+            await self._hand_over_images()
+        except BaseException:
+            # not on record as done, so no undo would run: take it back now
+            self._remove_file(args["path"])
+            raise
+
+    async def _open_image(self, args: dict[str, Any]) -> None:
+        """Create the file and keep its descriptor until ``_hand_over_images``. Put on
+        record (by the caller) before QEMU sees it: a process killed from then on
+        leaves the next one what to delete (by its inode) and which fd set to remove.
+        """
         path = args["path"]
         flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR | os.O_CLOEXEC
         if args.get("direct"):
@@ -124,21 +138,29 @@ class StepRunner:
         try:
             self.created_files.append(path)
             self.created_ids[path] = ownfiles.file_id(os.fstat(fd))
-            # on record before QEMU sees it: a process killed from here on leaves the
-            # next one what to delete (by its inode) and which fd set to remove
-            await self._changed()
             if args.get("size"):
                 os.ftruncate(fd, args["size"])
-            if args.get("pass_fd"):
-                self.fdsets[path] = await self.mon.add_fd(fd, fdset_tag(path))
-        except BaseException as exc:
-            # not on record as done, so no undo would run: take it back now
-            self._remove_file(path)
-            if isinstance(exc, OSError):
-                raise _create_error(path, exc) from None
-            raise
-        finally:
+        except OSError as exc:
             os.close(fd)
+            self._remove_file(path)
+            raise _create_error(path, exc) from None
+        self._opened[path] = (fd, bool(args.get("pass_fd")))
+
+    async def _hand_over_images(self) -> None:
+        """Give QEMU the descriptors of the images opened so, then close ours."""
+        try:
+            while self._opened:
+                path, (fd, pass_fd) = next(iter(self._opened.items()))
+                try:
+                    if pass_fd:
+                        self.fdsets[path] = await self.mon.add_fd(fd, fdset_tag(path))
+                finally:
+                    del self._opened[path]
+                    os.close(fd)
+        finally:
+            for fd, _ in self._opened.values():  # not handed over: a rollback follows
+                os.close(fd)
+            self._opened.clear()
 
     async def _release_fd(self, path: str) -> None:
         """Remove the image's fd set: its nodes hold their own copies, and an fd set of

@@ -94,6 +94,7 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         self.created_files: list[str] = []
         self.created_ids: dict[str, ownfiles.FileId] = {}  # only these are ever unlinked
         self.fdsets: dict[str, int] = {}  # image path -> QEMU fd set of our descriptor
+        self._opened: dict[str, tuple[int, bool]] = {}  # created, not yet handed over
         self.exports_added: list[str] = []
         self.server_started = False
         self.objects_added: list[str] = []
@@ -190,11 +191,20 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
         lanes: list[list[Step]] = [[] for _ in self.plan.stores]
         undo: list[Step] = []
         try:
-            # each disk's store is made in its own lane: QEMU answers them in turn,
-            # but their round trips overlap, which is most of a many-disk begin
+            # every file first, in one go: one record write for all of them, and the
+            # descriptor hand-overs (which need a silent monitor) before the lanes
+            for steps, out in zip(self.plan.stores, lanes, strict=True):
+                for step in steps:
+                    if step.kind == "create-file":
+                        await self._open_image(step.args)
+                        out.extend(step.undo)
+            await self._changed()
+            await self._hand_over_images()
+            # then each disk's nodes in its own lane: QEMU answers them in turn, but
+            # their round trips overlap, which is most of a many-disk begin
             results = await asyncio.gather(
                 *(
-                    self._run_lane(steps, out)
+                    self._run_lane([s for s in steps if s.kind != "create-file"], out)
                     for steps, out in zip(self.plan.stores, lanes, strict=True)
                 ),
                 return_exceptions=True,

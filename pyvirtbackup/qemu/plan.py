@@ -155,6 +155,12 @@ class DiskPlan:
         return self.storage_node, self.format_node
 
     @property
+    def fleece_target(self) -> str | None:
+        """The node the filter copies old data into: a pull's qcow2 scratch, or a
+        push's fleecing image, a sparse raw file used without a format layer."""
+        return self.fleece_node if self.sync == "none" else self.fleece_storage_node
+
+    @property
     def has_qemu_job(self) -> bool:
         """A pull through fleecing has no block job: its end is an abort or a break."""
         return not (self.fleecing and self.sync == "none")
@@ -286,6 +292,7 @@ class ImageSpec:
     backing_fmt: str | None = None
     job_prefix: str = "pvb-create"
     discard: bool = False  # pass discards down to the file (a fleecing image shrinks)
+    format_layer: bool = True  # False: a raw file's node is the image, no format node
     pass_fd: bool = False  # QEMU gets our descriptor of the file we create, not its path
 
 
@@ -357,6 +364,10 @@ def image_steps(img: ImageSpec, tuning: Tuning) -> list[Step]:
         ]
     else:
         steps.append(add)
+    if not img.format_layer:  # a raw file used as it is: its file node is the image
+        if fdset:
+            steps.append(Step("release-fd", "remove-fd", {"path": img.path}))
+        return steps
     fmt_node: dict[str, Any] = {
         "node-name": img.format_node,
         "read-only": False,

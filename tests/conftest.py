@@ -18,6 +18,8 @@ from pyvirtbackup.qemu import imgtools
 from pyvirtbackup.qemu.monitor import Monitor
 from pyvirtbackup.qemu.process import DiskSpec, QemuProcess
 
+from .certs import Pki, make_pki
+
 MiB = imgtools.MiB
 
 # What a fresh test disk holds: (pattern, offset, length); the rest is unallocated.
@@ -169,6 +171,12 @@ def pytest_report_header() -> list[str]:
             version = out.stdout.splitlines()[0] if out.stdout else "no version"
         lines.append(f"{tool}: {where} ({version})")
     return lines
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for the TLS tests, from the recipe users are given (tests/certs.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -26,7 +26,7 @@ from pyvirtbackup import Driver, ErrorNumber, VirError
 from pyvirtbackup.qemu.nbd import AUTHZ_ALIAS, TLS_ALIAS
 
 from . import otheruser
-from .certs import Pki, make_pki
+from .certs import Pki
 from .clitools import CLI
 from .conftest import MiB
 from .drivertools import NOTHING_LEFT, leftovers, node_names
@@ -34,10 +34,6 @@ from .nbd_clients import nbdcopy, nbdinfo, tcp_uri, unix_uri
 
 pytestmark = pytest.mark.asyncio
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest_asyncio.fixture

@@ -30,7 +30,7 @@ from pyvirtbackup.qemu import imgtools, listen
 from pyvirtbackup.qemu.nbd import TLS_ALIAS
 
 from . import drivertools
-from .certs import Pki, make_flawed, make_pki
+from .certs import make_flawed
 from .conftest import VM, MiB
 from .nbd_clients import (
     HeldClient,
@@ -46,10 +46,6 @@ pytestmark = pytest.mark.asyncio
 
 # ------------------------------------------------------------------------ helpers
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest_asyncio.fixture

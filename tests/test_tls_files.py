@@ -17,7 +17,7 @@ from pyvirtbackup import ErrorNumber, VirError
 from pyvirtbackup.qemu import nbd
 from pyvirtbackup.qemu.monitor import QMPCommandError
 
-from .certs import FLAWS, Pki, make_flawed, make_pki
+from .certs import FLAWS, make_flawed
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,10 +28,6 @@ ACCEPTED_BY_SOME_QEMU = {
     "rsa-without-key-encipherment",
 }
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest_asyncio.fixture

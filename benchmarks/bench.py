@@ -35,9 +35,11 @@ from benchlib import (
     drop_dirty,
     machine,
     push_xml,
+    remove_generated,
     render,
     reset_hwm,
     rm,
+    small_disks,
     varied_image,
     vm_hwm_kib,
     vm_rss_kib,
@@ -396,11 +398,7 @@ async def bench_begin_latency(work: Path, repeat: int) -> list[Row]:
     """domainBackupBegin call → return, for 1, 8 and 16 disks, and its QMP round trips."""
     rows = []
     for n in (1, 8, 16):
-        disks = []
-        for i in range(n):
-            path = str(work / f"lat{n}-{i}.qcow2")
-            await varied_image(path, 64 * MiB, 4 * MiB)
-            disks.append(DiskSpec(f"vd{i:02d}", path))
+        disks = await small_disks(work, "lat", n)
         s = await Session.open(disks, work / f"state-lat{n}")
         times: list[float] = []
         trips: list[float] = []
@@ -415,9 +413,7 @@ async def bench_begin_latency(work: Path, repeat: int) -> list[Row]:
                 trips.append(mon.commands_sent - before)
                 await asyncio.wait_for(s.done.wait(), 600)
                 s.done.clear()
-                for d in disks:
-                    for f in Path(d.path).parent.glob(Path(d.path).name + ".*"):
-                        f.unlink()
+                remove_generated(disks)
                 del r
         finally:
             await s.close()

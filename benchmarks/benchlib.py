@@ -186,3 +186,21 @@ def rm(path: str | Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+async def small_disks(work: Path, prefix: str, n: int) -> list[DiskSpec]:
+    """``n`` 64 MiB qcow2 disks holding 4 MiB each, for rows about per-disk costs."""
+    disks = []
+    for i in range(n):
+        path = str(work / f"{prefix}{n}-{i}.qcow2")
+        await varied_image(path, 64 * MiB, 4 * MiB)
+        disks.append(DiskSpec(f"vd{i:02d}", path))
+    return disks
+
+
+def remove_generated(disks: list[DiskSpec]) -> None:
+    """The targets a begin without XML generated next to the disks."""
+    for d in disks:
+        assert d.path is not None
+        for f in Path(d.path).parent.glob(Path(d.path).name + ".*"):
+            f.unlink()

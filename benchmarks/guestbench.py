@@ -12,7 +12,16 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from benchlib import MiB, Row, Session, drop_dirty, rm, varied_image
+from benchlib import (
+    MiB,
+    Row,
+    Session,
+    drop_dirty,
+    remove_generated,
+    rm,
+    small_disks,
+    varied_image,
+)
 
 from pyvirtbackup import BackupBeginFlags, Tuning
 from pyvirtbackup.qemu import imgtools
@@ -26,11 +35,7 @@ async def bench_pause(work: Path, repeat: int) -> list[Row]:
     ``stop``, the transaction, one ``qom-set`` per disk, ``cont``."""
     rows = []
     for n in (1, 4, 16):
-        disks = []
-        for i in range(n):
-            path = str(work / f"pause{n}-{i}.qcow2")
-            await varied_image(path, 64 * MiB, 4 * MiB)
-            disks.append(DiskSpec(f"vd{i:02d}", path))
+        disks = await small_disks(work, "pause", n)
         s = await Session.open(disks, work / f"state-pause{n}", paused=False)
         pauses: list[float] = []
         try:
@@ -41,9 +46,7 @@ async def bench_pause(work: Path, repeat: int) -> list[Row]:
                 pauses.append(s.dom.job.pause_ms / 1000)
                 await asyncio.wait_for(s.done.wait(), 600)
                 s.done.clear()
-                for d in disks:
-                    for f in Path(d.path).parent.glob(Path(d.path).name + ".*"):
-                        f.unlink()
+                remove_generated(disks)
         finally:
             await s.close()
         goal = {1: "≤ 20 ms", 16: "≤ 100 ms"}.get(n, "")

@@ -57,9 +57,7 @@ class StepRunner:
             undo.extend(step.undo)
 
     async def _run(self, step: Step) -> None:
-        if step.kind == "create-file":
-            await self._create_file(step.args)
-        elif step.kind == "release-fd":
+        if step.kind == "release-fd":
             await self._release_fd(step.args["path"])
         elif step.kind == "remove-file":
             self._remove_file(step.args["path"])
@@ -108,20 +106,10 @@ class StepRunner:
             raise AssertionError(f"no fd set for '{step.fdset}' at {step.command}")
         return with_fdset(step.args, step.fdset, f"/dev/fdset/{fdset_id}")
 
-    async def _create_file(self, args: dict[str, Any]) -> None:
-        """Create an image: ours alone (0600, O_EXCL, not through a link), sized if raw,
-        and with ``pass_fd`` handed to QEMU as this very descriptor."""
-        await self._open_image(args)
-        try:
-            await self._changed()
-            await self._hand_over_images()
-        except BaseException:
-            # not on record as done, so no undo would run: take it back now
-            self._remove_file(args["path"])
-            raise
-
     async def _open_image(self, args: dict[str, Any]) -> None:
-        """Create the file and keep its descriptor until ``_hand_over_images``. Put on
+        """Create an image (a ``create-file`` step, run by ``BackupJob.start`` before
+        the lanes): ours alone (0600, O_EXCL, not through a link), sized if raw, its
+        descriptor kept until ``_hand_over_images``. Put on
         record (by the caller) before QEMU sees it: a process killed from then on
         leaves the next one what to delete (by its inode) and which fd set to remove.
         """

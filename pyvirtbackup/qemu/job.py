@@ -136,11 +136,13 @@ class BackupJob(JobEvents, JobRecord, StepRunner):
                 live = {j["id"]: j for j in await self.mon.execute("query-jobs")}
         current = total = 0
         broken: list[str] = []
+        used: dict[str, int] | None = None
         for jid, d in self.disks.items():
             if d.state == RUNNING and jid in live:
                 cur, tot = progress(d.plan, live[jid])
             elif d.state == RUNNING and not d.plan.has_qemu_job and self.mon.connected:
-                cur, tot = await self._temp_used(d.plan), d.plan.size
+                used = used if used is not None else await self._temp_used()
+                cur, tot = used.get(d.plan.fleece_storage_node or "", 0), d.plan.size
                 problem = await self._check_view(jid)
                 if problem:
                     broken.append(problem)

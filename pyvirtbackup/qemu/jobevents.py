@@ -221,7 +221,8 @@ class JobEvents:
         if "current-progress" in info:
             d.current, d.total = progress(d.plan, info)
         elif d.plan.fleecing and not d.plan.has_qemu_job:
-            d.current, d.total = await self._temp_used(d.plan), d.plan.size
+            used = await self._temp_used()
+            d.current, d.total = used.get(d.plan.fleece_storage_node or "", 0), d.plan.size
         error = info.get("error")
         if error and self.guest_shut_down and not self.plan.shutdown_restore:
             error = self._gone_reason()  # QEMU cancels the jobs on its way out
@@ -291,13 +292,15 @@ class JobEvents:
             if other.state == RUNNING:
                 await self._cancel_disk(jid)
 
-    async def _temp_used(self, dp: DiskPlan) -> int:
-        """Bytes a pull's fleecing image holds (libvirt's disk_temp_used)."""
-        with contextlib.suppress(VirError, KeyError, TypeError, ValueError):
+    async def _temp_used(self) -> dict[str, int]:
+        """Bytes each node's image holds, by node name: a pull's fleecing image is its
+        libvirt disk_temp_used. One query for all disks."""
+        sizes: dict[str, int] = {}
+        with contextlib.suppress(VirError):
             for node in await self.mon.execute("query-named-block-nodes", {"flat": True}):
-                if node.get("node-name") == dp.fleece_storage_node:
-                    return int(node["image"]["actual-size"])
-        return 0
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    sizes[node["node-name"]] = int(node["image"]["actual-size"])
+        return sizes
 
     async def _stop_exports(self, *, only_if_ours: bool = False) -> None:
         """Remove every export (dropping clients) and the NBD server, once.

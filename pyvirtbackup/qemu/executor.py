@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from ..errors import ErrorDomain, ErrorNumber, VirError
-from . import ownfiles
+from . import ownfiles, teardown
 from .jobcore import CREATE_TIMEOUT, exists_error, finish_even_if_cancelled
 from .plan import Step, with_fdset
 
@@ -227,26 +227,11 @@ class StepRunner:
         finally:
             self._waiters.pop(jid, None)
             if started:  # failed or cancelled half way: the job must not stay in QEMU
-                await finish_even_if_cancelled(self._drop_job(jid))
+                await finish_even_if_cancelled(teardown.drop_job(self.mon, jid))
         if error:
             raise VirError(
                 ErrorNumber.OPERATION_FAILED, ErrorDomain.QEMU, f"failed to format image: '{error}'"
             )
-
-    async def _drop_job(self, jid: str) -> None:
-        """Cancel and dismiss a job of ours, whatever state it is in."""
-        if not self.mon.connected:
-            return
-        with contextlib.suppress(VirError):
-            await self.mon.execute("job-cancel", {"id": jid})
-        for _ in range(50):
-            try:
-                await self.mon.execute("job-dismiss", {"id": jid})
-                return
-            except VirError as exc:
-                if "not found" in exc.message or "No job" in exc.message:
-                    return
-            await asyncio.sleep(0.1)
 
     async def _rollback(self, undo: list[Step]) -> None:
         for step in reversed(undo):

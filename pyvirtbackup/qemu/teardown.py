@@ -35,10 +35,9 @@ def probe_job_id(dp: DiskPlan) -> str:
     return f"pvb-probe-{dp.disk}"
 
 
-async def drop_probe_job(mon: Monitor, dp: DiskPlan) -> None:
-    """A probe cut short (its process killed) leaves its mirror job behind."""
-    jid = probe_job_id(dp)
-    if not any(j.get("id") == jid for j in await mon.execute("query-jobs")):
+async def drop_job(mon: Monitor, jid: str) -> None:
+    """Cancel and dismiss a job of ours, whatever state it is in."""
+    if not mon.connected:
         return
     with contextlib.suppress(VirError):
         await mon.execute("job-cancel", {"id": jid})
@@ -47,9 +46,16 @@ async def drop_probe_job(mon: Monitor, dp: DiskPlan) -> None:
             await mon.execute("job-dismiss", {"id": jid})
             return
         except VirError as exc:
-            if "not found" in exc.message:
+            if "not found" in exc.message or "No job" in exc.message:
                 return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+
+
+async def drop_probe_job(mon: Monitor, dp: DiskPlan) -> None:
+    """A probe cut short (its process killed) leaves its mirror job behind."""
+    jid = probe_job_id(dp)
+    if any(j.get("id") == jid for j in await mon.execute("query-jobs")):
+        await drop_job(mon, jid)
 
 
 async def node_names(mon: Monitor) -> set[str]:
